@@ -1,0 +1,112 @@
+"""The Qwen-VL families we patch, each one small declarative spec.
+
+A new family sharing the text-attention pattern (one modeling module, mask builders as module globals,
+attention resolved through ``ALL_ATTENTION_FUNCTIONS``) is one more ``FamilySpec`` entry; nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+__all__ = ["FamilySpec", "FAMILIES", "get_family", "family_of_model", "UnknownFamilyError"]
+
+
+class UnknownFamilyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one family lives inside transformers.
+
+    Attributes:
+        name: our name for the family, equal to the top-level ``config.model_type``.
+        module: the modeling module whose globals we patch.
+        config_class: the top-level config class (in ``transformers``).
+        entry_classes: model classes whose ``forward`` takes a packed batch (outermost first).
+        text_attention: the text attention class (causal).
+        vision_attention: the vision attention class (non-causal, builds its own cu_seqlens).
+        mask_builders: module globals that build the text attention masks.
+        aux_loss: module global computing the MoE router loss from the top-level attention mask, if any.
+    """
+
+    name: str
+    module: str
+    config_class: str
+    entry_classes: tuple[str, ...]
+    text_attention: str
+    vision_attention: str
+    mask_builders: tuple[str, ...]
+    aux_loss: str | None = None
+
+    def import_module(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            name="qwen2_vl",
+            module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+            config_class="Qwen2VLConfig",
+            entry_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+            text_attention="Qwen2VLAttention",
+            vision_attention="VisionAttention",
+            mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
+        ),
+        FamilySpec(
+            name="qwen2_5_vl",
+            module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+            config_class="Qwen2_5_VLConfig",
+            entry_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+            text_attention="Qwen2_5_VLAttention",
+            vision_attention="Qwen2_5_VLVisionAttention",
+            mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
+        ),
+        FamilySpec(
+            name="qwen3_vl",
+            module="transformers.models.qwen3_vl.modeling_qwen3_vl",
+            config_class="Qwen3VLConfig",
+            entry_classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+            text_attention="Qwen3VLTextAttention",
+            vision_attention="Qwen3VLVisionAttention",
+            mask_builders=("create_causal_mask",),
+        ),
+        FamilySpec(
+            name="qwen3_vl_moe",
+            module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+            config_class="Qwen3VLMoeConfig",
+            entry_classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+            text_attention="Qwen3VLMoeTextAttention",
+            vision_attention="Qwen3VLMoeVisionAttention",
+            mask_builders=("create_causal_mask",),
+            aux_loss="load_balancing_loss_func",
+        ),
+    )
+}
+
+
+def get_family(name: str) -> FamilySpec:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownFamilyError(
+            f"unknown model family {name!r}; supported families: {', '.join(FAMILIES)}"
+        ) from None
+
+
+def family_of_model(model) -> FamilySpec:
+    """The family of a model instance (or a PEFT wrapper around one), from its config's model_type."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "get_base_model", None)
+    if base is not None:
+        config = getattr(base(), "config", config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnknownFamilyError(
+            f"unknown model family {model_type!r} ({type(model).__name__}); supported families: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
