@@ -1,0 +1,242 @@
+"""Explicit, reversible, verified patches that make Qwen-VL models train on packed batches.
+
+    handle = qwenvl.patch()                    # every supported family
+    handle = qwenvl.patch(model)               # that model's family; its vision tower onto the varlen core
+    with qwenvl.patch(backend="torch"): ...    # context-manager form
+    handle.revert()                            # originals back exactly (``Cls.forward is original``)
+
+What gets touched, per family (see ``qwenvl.families``), all recorded for revert:
+  - ``forward`` of the entry classes (``XForConditionalGeneration``, ``XModel``): packed conventions -> one
+    ``VarlenMeta`` passed on as the attention mask;
+  - the modeling module's mask builders: a ``VarlenMeta`` passes through unchanged;
+  - the modeling module's ``ALL_ATTENTION_FUNCTIONS`` / ``eager_attention_forward`` globals: every attention
+    function they hand out first checks for a ``VarlenMeta`` (text) or ``cu_seq_lens_q`` (vision flash path);
+  - the MoE router loss: a ``VarlenMeta`` mask counts every token;
+  - transformers' ``AttentionInterface``: the name ``qwenvl_flash_varlen`` (the vision tower's implementation
+    when a model is given, so it takes its single-call varlen path).
+transformers offers no extension point for the entry detection and the mask pass-through, hence module
+attributes. Everything is checked before anything is changed: a patch that cannot be applied raises and
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Iterable
+
+from qwenvl.families import FAMILIES, FamilySpec, UnknownFamilyError, family_of_model, get_family
+from qwenvl.patches import _dispatch
+from qwenvl.patches._handle import PatchRecorder
+from qwenvl.patches._versions import check_transformers_version
+
+__all__ = ["patch", "PatchHandle", "PatchError", "active_patch", "VARLEN_IMPLEMENTATION"]
+
+logger = logging.getLogger(__name__)
+
+VARLEN_IMPLEMENTATION = "qwenvl_flash_varlen"
+
+_ACTIVE: "PatchHandle | None" = None
+
+
+class PatchError(RuntimeError):
+    """A patch target is missing or has a signature we do not know: nothing was changed."""
+
+
+class PatchHandle:
+    """An applied patch. ``revert()`` (or leaving the ``with`` block) restores every original."""
+
+    def __init__(self, state: _dispatch.PatchState, recorder: PatchRecorder, families: tuple[str, ...]):
+        self.state = state
+        self.families = families
+        self._recorder = recorder
+        self._models: list = []
+
+    @property
+    def backend(self) -> str:
+        return self.state.backend
+
+    @property
+    def active(self) -> bool:
+        return _ACTIVE is self
+
+    def revert(self) -> None:
+        global _ACTIVE
+        self._recorder.undo()
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "reverted"
+        return f"PatchHandle(families={self.families}, backend={self.backend!r}, {state})"
+
+
+def active_patch() -> PatchHandle | None:
+    return _ACTIVE
+
+
+def _check_family(spec: FamilySpec) -> list[str]:
+    """Problems that would stop ``spec`` from being patched on the installed transformers (empty: fine)."""
+    try:
+        module = spec.import_module()
+    except ImportError as exc:
+        return [f"cannot import {spec.module}: {exc}"]
+    problems = []
+    for name in ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", *spec.mask_builders):
+        if not callable(getattr(module, name, None)) and name != "ALL_ATTENTION_FUNCTIONS":
+            problems.append(f"{spec.module}.{name} is missing")
+    registry = getattr(module, "ALL_ATTENTION_FUNCTIONS", None)
+    if registry is None or not hasattr(registry, "__getitem__"):
+        problems.append(f"{spec.module}.ALL_ATTENTION_FUNCTIONS is missing")
+    for cls_name in spec.entry_classes:
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            problems.append(f"{spec.module}.{cls_name} is missing")
+            continue
+        params = inspect.signature(cls.forward).parameters
+        for needed in ("attention_mask", "position_ids", "input_ids", "inputs_embeds"):
+            if needed not in params:
+                problems.append(f"{cls_name}.forward has no {needed!r} parameter")
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            problems.append(f"{cls_name}.forward takes no **kwargs")
+    for cls_name in (spec.text_attention, spec.vision_attention):
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            problems.append(f"{spec.module}.{cls_name} is missing")
+        elif "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(cls.forward):
+            problems.append(f"{cls_name}.forward no longer resolves its attention through ALL_ATTENTION_FUNCTIONS")
+    if spec.aux_loss is not None:
+        fn = getattr(module, spec.aux_loss, None)
+        if fn is None:
+            problems.append(f"{spec.module}.{spec.aux_loss} is missing")
+        elif "attention_mask" not in inspect.signature(fn).parameters:
+            problems.append(f"{spec.aux_loss} has no attention_mask parameter")
+    return problems
+
+
+def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.PatchState) -> None:
+    module = spec.import_module()
+    for cls_name in spec.entry_classes:
+        cls = getattr(module, cls_name)
+        recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward))
+    for name in spec.mask_builders:
+        recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
+    recorder.setattr(
+        module, "ALL_ATTENTION_FUNCTIONS", _dispatch.DispatchingAttentionFunctions(module.ALL_ATTENTION_FUNCTIONS, state)
+    )
+    recorder.setattr(module, "eager_attention_forward", _dispatch.dispatcher(module.eager_attention_forward, state))
+    if spec.aux_loss is not None:
+        recorder.setattr(module, spec.aux_loss, _dispatch.aux_loss(getattr(module, spec.aux_loss)))
+
+
+def _register_implementation(recorder: PatchRecorder) -> None:
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    recorder.setattr(_MappingItem(mapping), VARLEN_IMPLEMENTATION, _dispatch.varlen_only, create=True)
+
+
+class _MappingItem:
+    """Lets the recorder set and restore one key of a dict as if it were an attribute."""
+
+    def __init__(self, mapping: dict) -> None:
+        self.__dict__["_mapping"] = mapping
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["_mapping"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value) -> None:
+        self.__dict__["_mapping"][name] = value
+
+    def __delattr__(self, name) -> None:
+        del self.__dict__["_mapping"][name]
+
+    def __repr__(self) -> str:
+        return "AttentionInterface._global_mapping"
+
+
+def _route_vision(model, recorder: PatchRecorder) -> None:
+    """Put the model's vision tower on its single-call varlen path (its own cu_seqlens, non-causal)."""
+    import transformers
+    from packaging.version import Version
+
+    vision_config = getattr(model.config, "vision_config", None)
+    if vision_config is None:
+        return
+    current = vision_config._attn_implementation or ""
+    # transformers 4.57 takes the varlen path only for the exact name flash_attention_2; 5.x for any name
+    # containing "flash". Either way the call reaches our dispatcher, never the real flash kernel.
+    wanted = "flash_attention_2" if Version(transformers.__version__) < Version("5.0.0") else VARLEN_IMPLEMENTATION
+    if "flash" in current and (wanted == VARLEN_IMPLEMENTATION or current == wanted):
+        return
+    recorder.setattr(vision_config, "_attn_implementation", wanted)
+
+
+def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None = None) -> PatchHandle:
+    """Patch the Qwen-VL families for packed batches and return the handle (also a context manager).
+
+    Args:
+        model: optional model instance (or PEFT wrapper). Its family is patched (an unknown family raises
+            ``UnknownFamilyError``) and its vision tower is routed to the varlen core.
+        backend: the varlen backend, see ``qwenvl.attention.available_backends`` ("auto" picks per call).
+        families: restrict to these family names (default: all supported, or the model's).
+
+    Calling it again while a patch is active returns the active handle (patching twice is harmless); asking
+    for a different backend then is an error: revert first.
+    """
+    global _ACTIVE
+    from qwenvl.attention import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    version = check_transformers_version()
+
+    if model is not None:
+        specs = [family_of_model(model)]
+    elif families is not None:
+        specs = [get_family(name) for name in families]
+    else:
+        specs = list(FAMILIES.values())
+
+    if _ACTIVE is not None:
+        if _ACTIVE.backend != backend:
+            raise ValueError(
+                f"a qwenvl patch with backend {_ACTIVE.backend!r} is already active; revert it before patching "
+                f"with backend {backend!r}"
+            )
+        missing = [s.name for s in specs if s.name not in _ACTIVE.families]
+        if missing:
+            raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
+        if model is not None:
+            _route_vision(model, _ACTIVE._recorder)
+        return _ACTIVE
+
+    problems = [f"{spec.name}: {p}" for spec in specs for p in _check_family(spec)]
+    if problems:
+        raise PatchError(
+            f"cannot patch on transformers {version} (nothing was changed):\n  " + "\n  ".join(problems)
+        )
+
+    state = _dispatch.PatchState(backend=backend)
+    recorder = PatchRecorder()
+    try:
+        _register_implementation(recorder)
+        for spec in specs:
+            _apply_family(spec, recorder, state)
+        if model is not None:
+            _route_vision(model, recorder)
+    except BaseException:
+        recorder.undo()
+        raise
+    _ACTIVE = PatchHandle(state, recorder, tuple(s.name for s in specs))
+    logger.info("qwenvl: patched %s for packed batches (backend=%s)", ", ".join(_ACTIVE.families), backend)
+    return _ACTIVE

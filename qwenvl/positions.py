@@ -1,0 +1,82 @@
+"""Multimodal RoPE positions for packed rows, on every supported transformers release.
+
+Each sample keeps the positions it would have alone (the model's own ``get_rope_index``); a packed row
+concatenates them::
+
+    sample a: text text <img> <img> <img> <img> text      t-row: 0 1 2 2 2 2 4
+    sample b: text text text                              t-row: 0 1 2
+    packed  (3, 1, 10)                                    t-row: 0 1 2 2 2 2 4 | 0 1 2
+
+``get_rope_index`` changed signature in transformers 5.3 (it needs ``mm_token_type_ids``: text 0, image 1,
+video 2); ``rope_index`` hides that.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+__all__ = ["rope_index", "mm_token_type_ids", "packed_position_ids"]
+
+
+def _rope_owner(model):
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and hasattr(candidate, "get_rope_index"):
+            return candidate
+    raise ValueError(f"{type(model).__name__} has no get_rope_index: not a Qwen-VL model")
+
+
+def mm_token_type_ids(config, input_ids_BL: torch.Tensor) -> torch.Tensor:
+    """int32 ``(B, L)``: 0 for text, 1 for image tokens, 2 for video tokens (the 5.3+ processor output)."""
+    types = torch.zeros_like(input_ids_BL, dtype=torch.int32)
+    types[input_ids_BL == config.image_token_id] = 1
+    types[input_ids_BL == config.video_token_id] = 2
+    return types
+
+
+def rope_index(
+    model,
+    input_ids_BL: torch.Tensor,
+    *,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    attention_mask_BL: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's own mrope position ids, int64 ``(3, B, L)``, whatever the release's signature."""
+    owner = _rope_owner(model)
+    params = inspect.signature(owner.get_rope_index).parameters
+    kwargs = {"image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw, "attention_mask": attention_mask_BL}
+    if "mm_token_type_ids" in params:
+        kwargs["mm_token_type_ids"] = mm_token_type_ids(owner.config, input_ids_BL)
+    if second_per_grid_ts is not None:
+        if "second_per_grid_ts" not in params:
+            raise ValueError(f"{type(owner).__name__}.get_rope_index takes no second_per_grid_ts")
+        kwargs["second_per_grid_ts"] = second_per_grid_ts
+    position_ids, _ = owner.get_rope_index(input_ids_BL, **kwargs)
+    return position_ids
+
+
+def packed_position_ids(
+    model,
+    samples_input_ids: Sequence[torch.Tensor],
+    *,
+    image_grid_thw: Sequence[torch.Tensor | None] | None = None,
+    video_grid_thw: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Concatenate each sample's own positions into the upstream packed form ``(3, 1, T)``.
+
+    Args:
+        samples_input_ids: one int ``(L_i,)`` tensor per sample.
+        image_grid_thw / video_grid_thw: per sample, its grids ``(n_i, 3)`` or ``None``.
+    """
+    n = len(samples_input_ids)
+    image_grid_thw = image_grid_thw or [None] * n
+    video_grid_thw = video_grid_thw or [None] * n
+    rows = [
+        rope_index(model, ids[None], image_grid_thw=img, video_grid_thw=vid)[:, 0]
+        for ids, img, vid in zip(samples_input_ids, image_grid_thw, video_grid_thw)
+    ]
+    return torch.cat(rows, dim=-1)[:, None, :]
