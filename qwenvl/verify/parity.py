@@ -1,0 +1,217 @@
+"""The parity check: a patched packed forward+backward equals each sample run alone through the unpatched model.
+
+For one case (family, backend, device, dtype, convention) on a tiny random model:
+
+    out_ref  = each sample alone, unpatched, float64 (CPU) / float32 (GPU)       the oracle
+    out_pt   = each sample alone, unpatched, in the test dtype                   plain PyTorch error
+    out      = all samples packed in one row, patched, in the test dtype         what we ship
+
+and the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
+``TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
+On fp32 CPU the absolute error must also stay under ``model_atol`` (1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from qwenvl.verify.batches import Sample, SampleSpec, make_sample, pack, sample_inputs
+
+__all__ = ["Tolerance", "TOLERANCES", "tolerance_for", "CaseResult", "run_case", "DEFAULT_SPECS"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    k_out: float = 2.0
+    k_grad: float = 3.0
+    model_atol: float | None = None  # an absolute cap on top of the rule, where the issue fixes one
+
+
+# The one table, keyed by (device type, dtype). The reference dtype is float64 on CPU, float32 on CUDA.
+TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
+    ("cpu", torch.float32): Tolerance(model_atol=1e-4),
+    ("cpu", torch.bfloat16): Tolerance(),
+    ("cuda", torch.float32): Tolerance(model_atol=1e-4),
+    ("cuda", torch.bfloat16): Tolerance(),
+    ("cuda", torch.float16): Tolerance(),
+}
+
+
+def tolerance_for(device: str | torch.device, dtype: torch.dtype) -> Tolerance:
+    key = (torch.device(device).type, dtype)
+    if key not in TOLERANCES:
+        raise ValueError(f"no tolerance for device {key[0]} and dtype {dtype}; known: {sorted(map(str, TOLERANCES))}")
+    return TOLERANCES[key]
+
+
+def reference_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def rounding_floor(out_ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the rounding error of representing ``out_ref`` in ``dtype`` (flash-attention's floor)."""
+    rounded = (out_ref.to(dtype) + 0.3 - 0.3).to(out_ref.dtype)
+    return 2 * float((rounded - out_ref).abs().max())
+
+
+# A fixed, varied set for `qwenvl verify`: an image, plain text, a two-group video, one token.
+DEFAULT_SPECS = (
+    SampleSpec(text=9, image=(4, 4)),
+    SampleSpec(text=23),
+    SampleSpec(text=5, video=(2, 4, 6)),
+    SampleSpec(text=1),
+    SampleSpec(text=12, image=(2, 6)),
+)
+
+
+@dataclass
+class CaseResult:
+    family: str
+    backend: str
+    device: str
+    dtype: str
+    convention: str
+    tokens: int
+    samples: int
+    logits_err: float
+    logits_bound: float
+    grad_err: float
+    grad_bound: float
+    worst_grad: str
+    passed: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _token_weights(total: int, vocab: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(total, vocab, generator=gen, dtype=torch.float64) / total).to(device)
+
+
+def _alone(model, samples: Sequence[Sample], weights: torch.Tensor, device):
+    """Logits (T, V) and parameter gradients of each sample run alone, unpatched."""
+    model.zero_grad(set_to_none=True)
+    logits, start = [], 0
+    for sample in samples:
+        out = model(**sample_inputs(model, sample, device), use_cache=False).logits[0]
+        w = weights[start : start + len(sample)].to(out.dtype)
+        (out * w).sum().backward()
+        logits.append(out.detach())
+        start += len(sample)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits), grads
+
+
+def _packed(model, batch, weights: torch.Tensor, convention: str, backend: str, device):
+    import qwenvl
+
+    model.zero_grad(set_to_none=True)
+    with qwenvl.patch(model, backend=backend):
+        out = model(**batch.to(device).model_inputs(convention)).logits[0]
+        (out * weights.to(out.dtype)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def run_case(
+    family: str,
+    *,
+    backend: str = "sdpa",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    convention: str = "upstream",
+    specs: Sequence[SampleSpec] = DEFAULT_SPECS,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    model_overrides: dict | None = None,
+) -> CaseResult:
+    from qwenvl.fixtures import tiny_model
+    from qwenvl.patches import active_patch
+
+    if active_patch() is not None:
+        raise RuntimeError("run_case needs the unpatched model as its oracle: revert the active qwenvl patch first")
+    base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
+    gen = torch.Generator().manual_seed(seed)
+    samples = [make_sample(base.config, spec, generator=gen) for spec in specs]
+    batch = pack(base, samples)
+    total = batch.input_ids.shape[1]
+    weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
+
+    ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device))
+    if reference_dtype(device) == torch.float64 and hasattr(ref_model, "set_experts_implementation"):
+        # transformers 5.x runs MoE experts through grouped_mm, which has no float64 kernel.
+        ref_model.set_experts_implementation("eager")
+    model = base.to(device=device, dtype=dtype)
+
+    def run_alone(m):
+        return _alone(m, [_to_dtype(s, m) for s in samples], weights, device)
+
+    ref_logits, ref_grads = run_alone(ref_model)
+    pt_logits, pt_grads = run_alone(model)
+    logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device)
+
+    tol = tolerance_for(device, dtype)
+    logits_err = _err(logits, ref_logits)
+    logits_bound = tol.k_out * _err(pt_logits, ref_logits) + rounding_floor(ref_logits, dtype)
+    passed = logits_err <= logits_bound
+    grad_err, grad_bound, worst = 0.0, 0.0, ""
+    if set(grads) != set(ref_grads):
+        passed = False
+        worst = f"gradient sets differ: {sorted(set(grads) ^ set(ref_grads))[:3]}"
+    for name, ref in ref_grads.items():
+        if name not in grads:
+            continue
+        err = _err(grads[name], ref)
+        bound = tol.k_grad * _err(pt_grads[name], ref) + rounding_floor(ref, dtype)
+        if err > bound:
+            passed = False
+        if err - bound >= grad_err - grad_bound or not worst:
+            grad_err, grad_bound, worst = err, bound, name
+    if tol.model_atol is not None:
+        passed = passed and logits_err < tol.model_atol and max(
+            (_err(grads[n], ref_grads[n]) for n in grads if n in ref_grads), default=0.0
+        ) < tol.model_atol
+    return CaseResult(
+        family=family,
+        backend=backend,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        convention=convention,
+        tokens=total,
+        samples=len(samples),
+        logits_err=logits_err,
+        logits_bound=logits_bound,
+        grad_err=grad_err,
+        grad_bound=grad_bound,
+        worst_grad=worst,
+        passed=passed,
+    )
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.to(b.dtype) - b).abs().max()) if a.numel() else 0.0
+
+
+def _to_dtype(sample: Sample, model) -> Sample:
+    dtype = next(model.parameters()).dtype
+    return Sample(
+        input_ids=sample.input_ids,
+        pixel_values=None if sample.pixel_values is None else sample.pixel_values.to(dtype),
+        image_grid_thw=sample.image_grid_thw,
+        pixel_values_videos=None if sample.pixel_values_videos is None else sample.pixel_values_videos.to(dtype),
+        video_grid_thw=sample.video_grid_thw,
+    )
+
+
+def _batch_to_dtype(batch, dtype):
+    moved = copy.copy(batch)
+    if batch.pixel_values is not None:
+        moved.pixel_values = batch.pixel_values.to(dtype)
+    if batch.pixel_values_videos is not None:
+        moved.pixel_values_videos = batch.pixel_values_videos.to(dtype)
+    return moved
