@@ -22,12 +22,16 @@ def supported_range() -> str:
     return f">={MIN_VERSION},<{MAX_VERSION_EXCLUSIVE}"
 
 
+def installed_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def check_transformers_version(version: str | None = None) -> Version:
     """Raise ``UnsupportedTransformersVersion`` naming the installed release and the supported range."""
     if version is None:
-        import transformers
-
-        version = transformers.__version__
+        version = installed_version()
     installed = Version(version)
     if not MIN_VERSION <= Version(installed.base_version) < MAX_VERSION_EXCLUSIVE:
         raise UnsupportedTransformersVersion(

@@ -1,0 +1,346 @@
+"""Patched packed models == each sample alone through the unpatched model, for every family.
+
+The oracle is the strongest one available: the same weights, unpatched, one sample at a time (with an
+explicit all-ones mask so no release mistakes temporal positions for packing). ``run_case`` also runs the
+float64 (CPU) / float32 (CUDA) copy and applies the flash-attention rule; on fp32 CPU the absolute error
+must stay below 1e-4 too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import qwenvl
+from qwenvl.fixtures import FAMILY_NAMES, tiny_model
+from qwenvl.patches import PatchError, UnknownFamilyError, active_patch
+from qwenvl.patches._versions import UnsupportedTransformersVersion
+from qwenvl.verify.batches import SampleSpec, make_sample, pack, sample_inputs
+from qwenvl.verify.parity import run_case
+
+CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_patch():
+    assert active_patch() is None, "a previous test left a patch active"
+    yield
+    handle = active_patch()
+    if handle is not None:
+        handle.revert()
+        pytest.fail("the test left a patch active")
+
+
+@st.composite
+def sample_specs(draw, *, max_samples: int = 6, max_text: int = 200):
+    """1-6 samples of 1-200 text tokens; some carry an image, at most one a video."""
+    n = draw(st.integers(1, max_samples))
+    video_at = draw(st.one_of(st.none(), st.integers(0, n - 1)))
+    specs = []
+    for i in range(n):
+        image = draw(st.one_of(st.none(), st.tuples(st.sampled_from([2, 4]), st.sampled_from([2, 4, 6]))))
+        video = (draw(st.sampled_from([1, 2])), 4, draw(st.sampled_from([2, 4]))) if i == video_at else None
+        text = draw(st.integers(0 if (image or video) else 1, max_text))
+        specs.append(SampleSpec(text=text, image=image, video=video))
+    return specs
+
+
+def _backend_and_dtype(device: torch.device):
+    return ("sdpa", torch.float32) if device.type == "cpu" else ("torch", torch.bfloat16)
+
+
+def _assert_case(result):
+    assert result.passed, (
+        f"{result.family}/{result.convention}/{result.backend}/{result.dtype}: logits err {result.logits_err:.3e} "
+        f"(bound {result.logits_bound:.3e}), worst grad {result.worst_grad} err {result.grad_err:.3e} "
+        f"(bound {result.grad_bound:.3e})"
+    )
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@settings(max_examples=6)
+@given(specs=sample_specs(), convention=st.sampled_from(CONVENTIONS))
+@example(specs=[SampleSpec(text=1)], convention="upstream")
+@example(specs=[SampleSpec(text=1)] * 6, convention="hf_kwargs")
+@example(specs=[SampleSpec(text=3, video=(2, 4, 2)), SampleSpec(text=200, image=(4, 6))], convention="upstream")
+def test_packed_equals_each_sample_alone(family, specs, convention, device):
+    backend, dtype = _backend_and_dtype(device)
+    _assert_case(run_case(family, backend=backend, device=device, dtype=dtype, convention=convention, specs=specs))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_patched_eager_model(family):
+    # The entry point must work whatever attn_implementation the model was loaded with.
+    _assert_case(run_case(family, attn_implementation="eager", convention="upstream"))
+
+
+def test_sliding_window_layers_are_honoured():
+    overrides = {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}
+    model = tiny_model("qwen2_vl", **overrides)
+    if "sliding_attention" not in (getattr(model.config.text_config, "layer_types", None) or []):
+        pytest.skip("this transformers release builds no sliding-window layers for Qwen2-VL")
+    specs = [SampleSpec(text=17), SampleSpec(text=9, image=(2, 4))]
+    _assert_case(run_case("qwen2_vl", specs=specs, model_overrides=overrides))
+    # And the window really matters for these lengths: without it the result would differ.
+    full = run_case("qwen2_vl", specs=specs)
+    assert full.passed
+
+
+def _two_row_batch(model, gen):
+    """Two rows of equal length, each packing two samples (4-row positions, the only B > 1 convention)."""
+    rows = [[SampleSpec(text=7), SampleSpec(text=5, image=(2, 2))], [SampleSpec(text=9), SampleSpec(text=6)]]
+    samples, batches = [], []
+    for row in rows:
+        row_samples = [make_sample(model.config, s, generator=gen) for s in row]
+        samples += row_samples
+        batches.append(pack(model, row_samples))
+    return samples, batches
+
+
+def test_batch_of_packed_rows():
+    model = tiny_model("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(3)
+    samples, batches = _two_row_batch(model, gen)
+    inputs = [b.model_inputs("hf_positions") for b in batches]
+    assert inputs[0]["input_ids"].shape == inputs[1]["input_ids"].shape
+    joined = {
+        "input_ids": torch.cat([i["input_ids"] for i in inputs]),
+        "position_ids": torch.cat([i["position_ids"] for i in inputs], dim=1),
+        "pixel_values": inputs[0]["pixel_values"],
+        "image_grid_thw": inputs[0]["image_grid_thw"],
+    }
+    with torch.no_grad():
+        alone = torch.cat([model(**sample_inputs(model, s)).logits[0] for s in samples])
+        with qwenvl.patch(model):
+            packed = model(**joined).logits.reshape(-1, alone.shape[-1])
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)
+
+
+def test_upstream_mask_must_respect_row_boundaries():
+    model = tiny_model("qwen3_vl")
+    ids = torch.randint(3, 400, (2, 6))
+    positions = torch.arange(6).view(1, 1, 6).expand(3, 2, 6)
+    with qwenvl.patch(model), pytest.raises(ValueError, match="cu_seqlens .* row start"):
+        model(input_ids=ids, attention_mask=torch.tensor([0, 4, 12], dtype=torch.int32), position_ids=positions)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_padded_batches_unchanged_by_the_patch(family):
+    model = tiny_model(family)
+    ids = torch.randint(3, 400, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, 7:] = 0  # right padding
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        with qwenvl.patch(model):
+            after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+
+
+def _targets(spec):
+    module = spec.import_module()
+    found = [(getattr(module, c), "forward", getattr(module, c).__dict__.get("forward")) for c in spec.entry_classes]
+    found += [(module, name, getattr(module, name)) for name in spec.mask_builders]
+    found += [(module, "ALL_ATTENTION_FUNCTIONS", module.ALL_ATTENTION_FUNCTIONS)]
+    found += [(module, "eager_attention_forward", module.eager_attention_forward)]
+    if spec.aux_loss:
+        found.append((module, spec.aux_loss, getattr(module, spec.aux_loss)))
+    return found
+
+
+def test_patch_and_revert_by_identity():
+    from transformers import AttentionInterface
+
+    from qwenvl.families import FAMILIES
+
+    originals = [t for spec in FAMILIES.values() for t in _targets(spec)]
+    handle = qwenvl.patch()
+    try:
+        for owner, name, original in originals:
+            current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+            assert current is not original, f"{owner}.{name} was not patched"
+        assert "qwenvl_flash_varlen" in AttentionInterface._global_mapping
+        assert qwenvl.patch() is handle  # idempotent
+    finally:
+        handle.revert()
+    for owner, name, original in originals:
+        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+        assert current is original, f"{owner}.{name} was not restored"
+    assert "qwenvl_flash_varlen" not in AttentionInterface._global_mapping
+    assert not handle.active
+
+
+def test_model_patch_routes_vision_and_reverts_its_config():
+    model = tiny_model("qwen2_5_vl")
+    before = model.config.vision_config._attn_implementation
+    with qwenvl.patch(model):
+        assert "flash" in model.config.vision_config._attn_implementation
+        assert model.config.text_config._attn_implementation == before
+    assert model.config.vision_config._attn_implementation == before
+
+
+def test_vision_tower_runs_on_the_varlen_core(monkeypatch):
+    import qwenvl.patches._dispatch as dispatch
+
+    calls = []
+    real = dispatch.varlen_attention
+
+    def spy(q, k, v, meta, **kw):
+        calls.append((meta.num_segments, kw["causal"]))
+        return real(q, k, v, meta, **kw)
+
+    monkeypatch.setattr(dispatch, "varlen_attention", spy)
+    model = tiny_model("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(0)
+    batch = pack(model, [make_sample(model.config, SampleSpec(text=4, image=(8, 8)), generator=gen)])
+    with torch.no_grad(), qwenvl.patch(model):
+        model(**batch.model_inputs())
+    depth, text_layers = model.config.vision_config.depth, model.config.text_config.num_hidden_layers
+    assert [c for c in calls if not c[1]] and len([c for c in calls if not c[1]]) == depth
+    assert len([c for c in calls if c[1]]) == text_layers
+    # Qwen2.5-VL: the windowed block sees 4 windows of the 8x8-patch image, the full-attention block one segment.
+    assert sorted(n for n, causal in calls if not causal) == [1, 4]
+
+
+def test_patching_twice_with_another_backend_is_an_error():
+    with qwenvl.patch(backend="sdpa"):
+        with pytest.raises(ValueError, match="already active"):
+            qwenvl.patch(backend="auto")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        qwenvl.patch(backend="nope")
+
+
+@pytest.mark.parametrize("version", ["4.56.2", "6.0.0", "3.0.0"])
+def test_unsupported_transformers_version(monkeypatch, version):
+    from qwenvl.families import FAMILIES
+
+    originals = [t for spec in FAMILIES.values() for t in _targets(spec)]
+    from qwenvl.patches import _versions
+
+    monkeypatch.setattr(_versions, "installed_version", lambda: version)
+    with pytest.raises(UnsupportedTransformersVersion, match=rf"transformers {version} .*>=4\.57\.0,<6\.0\.0"):
+        qwenvl.patch()
+    assert active_patch() is None
+    for owner, name, original in originals:
+        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+        assert current is original
+
+
+def test_unknown_family():
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)
+    )
+    with pytest.raises(UnknownFamilyError, match="unknown model family 'llama'.*qwen2_vl"):
+        qwenvl.patch(llama)
+    with pytest.raises(UnknownFamilyError, match="'llava'"):
+        qwenvl.patch(families=["llava"])
+
+
+def test_missing_target_never_half_applies(monkeypatch):
+    from qwenvl.families import FAMILIES
+
+    spec = FAMILIES["qwen3_vl_moe"]
+    originals = [t for s in FAMILIES.values() for t in _targets(s) if s is not spec]
+    monkeypatch.delattr(spec.import_module(), spec.aux_loss)
+    with pytest.raises(PatchError, match="load_balancing_loss_func is missing.*|nothing was changed"):
+        qwenvl.patch()
+    assert active_patch() is None
+    for owner, name, original in originals:
+        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+        assert current is original
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, message",
+    [
+        (torch.tensor([0, 5, 3, 12], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0, 5, 11], dtype=torch.int32), "end at the total token count 12"),
+        (torch.tensor([1, 5, 12], dtype=torch.int32), "start at 0"),
+        (torch.tensor([0.0, 5.0, 12.0]), "integer dtype"),
+    ],
+)
+def test_malformed_cu_seqlens_from_the_forward(cu_seqlens, message):
+    model = tiny_model("qwen2_vl")
+    ids = torch.randint(3, 400, (1, 12))
+    positions = torch.arange(12).view(1, 1, 12).expand(3, 1, 12)
+    with qwenvl.patch(model), pytest.raises(ValueError, match=f"cu_seqlens.*{message}"):
+        model(input_ids=ids, attention_mask=cu_seqlens, position_ids=positions)
+
+
+def test_packed_batch_without_positions_is_an_error():
+    model = tiny_model("qwen2_vl")
+    ids = torch.randint(3, 400, (1, 8))
+    with qwenvl.patch(model), pytest.raises(ValueError, match="needs position_ids"):
+        model(input_ids=ids, attention_mask=torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+def test_moe_router_aux_loss_on_packed_batches():
+    model = tiny_model("qwen3_vl_moe")
+    module = __import__(model.__class__.__module__, fromlist=["load_balancing_loss_func"])
+    text = model.config.text_config
+    gen = torch.Generator().manual_seed(1)
+    samples = [make_sample(model.config, s, generator=gen) for s in (SampleSpec(9, image=(2, 4)), SampleSpec(14))]
+    batch = pack(model, samples)
+    with torch.no_grad():
+        router_logits = [model(**sample_inputs(model, s), output_router_logits=True).router_logits for s in samples]
+        per_layer = tuple(torch.cat([r[layer] for r in router_logits]) for layer in range(len(router_logits[0])))
+        expected = module.load_balancing_loss_func(per_layer, text.num_experts, text.num_experts_per_tok, None)
+        with qwenvl.patch(model):
+            out = model(**batch.model_inputs(), output_router_logits=True)
+    assert out.aux_loss is not None
+    torch.testing.assert_close(out.aux_loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_is_honoured_in_training():
+    model = tiny_model("qwen3_vl", attention_dropout=0.5)
+    gen = torch.Generator().manual_seed(0)
+    batch = pack(model, [make_sample(model.config, SampleSpec(text=30), generator=gen)] * 2)
+    with torch.no_grad(), qwenvl.patch(model):
+        evaluation = model(**batch.model_inputs()).logits
+        model.train()
+        torch.manual_seed(0)
+        first = model(**batch.model_inputs()).logits
+        torch.manual_seed(0)
+        again = model(**batch.model_inputs()).logits
+        model.eval()
+    assert not torch.allclose(first, evaluation, atol=1e-3)
+    assert torch.equal(first, again)
+
+
+def test_gradient_checkpointing_recomputes_packed_layers():
+    model = tiny_model("qwen2_vl")
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    samples = [make_sample(model.config, s, generator=gen) for s in (SampleSpec(6, image=(2, 2)), SampleSpec(11))]
+    batch = pack(model, samples)
+    for s in samples:
+        reference(**sample_inputs(reference, s), use_cache=False).logits.sum().backward()
+    model.gradient_checkpointing_enable()
+    model.train()
+    with qwenvl.patch(model):
+        model(**batch.model_inputs(), use_cache=False).logits.sum().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_packed_with_cache_enabled(family):
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(2)
+    samples = [make_sample(model.config, s, generator=gen) for s in (SampleSpec(5), SampleSpec(4, image=(2, 2)))]
+    batch = pack(model, samples)
+    with torch.no_grad():
+        alone = torch.cat([model(**sample_inputs(model, s)).logits[0] for s in samples])
+        with qwenvl.patch(model):
+            packed = model(**batch.model_inputs("hf_kwargs"), use_cache=True).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=0)
