@@ -1,0 +1,93 @@
+"""Hypothesis strategies and small helpers for the optimizer-group, trainer and trainable-report tests."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from qwenvl.fixtures import FAMILY_NAMES, tiny_model
+
+__all__ = [
+    "FAMILY_NAMES",
+    "FREEZABLE",
+    "FreezePlan",
+    "apply_freeze_plan",
+    "cached_model",
+    "component_lrs",
+    "freeze_plans",
+    "module_components",
+    "tiny_model",
+    "weight_decays",
+]
+
+# Substrings of parameter names that a plan can freeze as a whole.
+FREEZABLE = (
+    "visual.patch_embed",
+    "visual.pos_embed",
+    "visual.blocks",
+    "visual.merger",
+    "deepstack_merger_list",
+    "embed_tokens",
+    "language_model.layers",
+    "lm_head",
+)
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """Freeze every parameter under ``frozen``; then, if ``mask`` is set, keep parameter ``i`` trainable
+    only where bit ``i`` of ``mask`` is set (parameters in ``named_parameters()`` order)."""
+
+    frozen: frozenset[str]
+    mask: int | None
+
+
+def freeze_plans(*, max_params: int = 256) -> st.SearchStrategy[FreezePlan]:
+    return st.builds(
+        FreezePlan,
+        frozen=st.frozensets(st.sampled_from(FREEZABLE)),
+        mask=st.none() | st.integers(min_value=0, max_value=2**max_params - 1),
+    )
+
+
+def component_lrs(*, max_lr: float = 1e-2) -> st.SearchStrategy[float | None]:
+    """``None`` (inherit the base lr), exactly ``0.0``, or a positive learning rate."""
+    return st.none() | st.just(0.0) | st.floats(min_value=1e-8, max_value=max_lr)
+
+
+def weight_decays() -> st.SearchStrategy[float]:
+    return st.just(0.0) | st.floats(min_value=1e-4, max_value=0.5)
+
+
+def apply_freeze_plan(model, plan: FreezePlan) -> None:
+    for i, (name, param) in enumerate(model.named_parameters()):
+        keep = not any(key in name for key in plan.frozen)
+        if plan.mask is not None:
+            keep = keep and bool(plan.mask >> i & 1)
+        param.requires_grad_(keep)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(family: str):
+    """One tiny model per family and process; tests only toggle ``requires_grad`` on it."""
+    return tiny_model(family, seed=0)
+
+
+def module_components(model) -> dict[int, str]:
+    """``id(param) -> component`` from the module tree, not from names (an oracle independent of ``classify``).
+
+    projector: parameters of ``visual.merger`` and ``visual.deepstack_merger_list``; vision: the other
+    parameters of ``visual``; base: everything else.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = inner.model.visual
+    projector = {id(p) for p in visual.merger.parameters()}
+    if hasattr(visual, "deepstack_merger_list"):
+        projector |= {id(p) for p in visual.deepstack_merger_list.parameters()}
+    vision = {id(p) for p in visual.parameters()} - projector
+    return {
+        id(p): "projector" if id(p) in projector else "vision" if id(p) in vision else "base"
+        for p in model.parameters()
+    }

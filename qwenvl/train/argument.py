@@ -1,0 +1,44 @@
+"""Training arguments: transformers' own, plus a learning rate per vision component.
+
+No ``from __future__ import annotations`` here: ``HfArgumentParser`` reads the field types at runtime.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import transformers
+
+__all__ = ["TrainingArguments"]
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` with ``mm_projector_lr`` and ``vision_tower_lr``.
+
+    ``None`` means "same as ``learning_rate``"; ``0.0`` means a learning rate of zero (freezing the component
+    with ``requires_grad=False`` does the same and saves the optimizer state).
+    """
+
+    # Optional[...] rather than `float | None`: HfArgumentParser of every supported release understands it.
+    mm_projector_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the vision-to-text projector (every module named '*merger*', including "
+            "Qwen3-VL's deepstack mergers). Default: --learning_rate."
+        },
+    )
+    vision_tower_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the vision tower except the projector (patch embedding, blocks). "
+            "Default: --learning_rate. Independent of --mm_projector_lr."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("mm_projector_lr", "vision_tower_lr"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+        super().__post_init__()
