@@ -7,7 +7,7 @@ For one case (family, backend, device, dtype, convention) on a tiny random model
     out      = all samples packed in one row, patched, in the test dtype         what we ship
 
 and the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
-``TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
+``qwenvl.tolerances.TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
 On fp32 CPU the absolute error must also stay under ``model_atol`` (1e-4).
 """
 
@@ -19,43 +19,10 @@ from typing import Sequence
 
 import torch
 
+from qwenvl.tolerances import reference_dtype, rounding_floor, tolerance
 from qwenvl.verify.batches import Sample, SampleSpec, make_sample, pack, sample_inputs
 
-__all__ = ["Tolerance", "TOLERANCES", "tolerance_for", "CaseResult", "run_case", "DEFAULT_SPECS"]
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    k_out: float = 2.0
-    k_grad: float = 3.0
-    model_atol: float | None = None  # an absolute cap on top of the rule, where the issue fixes one
-
-
-# The one table, keyed by (device type, dtype). The reference dtype is float64 on CPU, float32 on CUDA.
-TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
-    ("cpu", torch.float32): Tolerance(model_atol=1e-4),
-    ("cpu", torch.bfloat16): Tolerance(),
-    ("cuda", torch.float32): Tolerance(model_atol=1e-4),
-    ("cuda", torch.bfloat16): Tolerance(),
-    ("cuda", torch.float16): Tolerance(),
-}
-
-
-def tolerance_for(device: str | torch.device, dtype: torch.dtype) -> Tolerance:
-    key = (torch.device(device).type, dtype)
-    if key not in TOLERANCES:
-        raise ValueError(f"no tolerance for device {key[0]} and dtype {dtype}; known: {sorted(map(str, TOLERANCES))}")
-    return TOLERANCES[key]
-
-
-def reference_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
-
-
-def rounding_floor(out_ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Twice the rounding error of representing ``out_ref`` in ``dtype`` (flash-attention's floor)."""
-    rounded = (out_ref.to(dtype) + 0.3 - 0.3).to(out_ref.dtype)
-    return 2 * float((rounded - out_ref).abs().max())
+__all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
 
 
 # A fixed, varied set for `qwenvl verify`: an image, plain text, a two-group video, one token.
@@ -142,8 +109,8 @@ def run_case(
     total = batch.input_ids.shape[1]
     weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
 
-    ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device))
-    if reference_dtype(device) == torch.float64 and hasattr(ref_model, "set_experts_implementation"):
+    ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device, dtype))
+    if reference_dtype(device, dtype) == torch.float64 and hasattr(ref_model, "set_experts_implementation"):
         # transformers 5.x runs MoE experts through grouped_mm, which has no float64 kernel.
         ref_model.set_experts_implementation("eager")
     model = base.to(device=device, dtype=dtype)
@@ -155,7 +122,7 @@ def run_case(
     pt_logits, pt_grads = run_alone(model)
     logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device)
 
-    tol = tolerance_for(device, dtype)
+    tol = tolerance(device, dtype)
     logits_err = _err(logits, ref_logits)
     logits_bound = tol.k_out * _err(pt_logits, ref_logits) + rounding_floor(ref_logits, dtype)
     passed = logits_err <= logits_bound

@@ -1,0 +1,116 @@
+"""Shared pytest setup: hypothesis profiles, the ``--device`` option, the ``gpu`` marker, the parity report.
+
+Profiles (pick with ``HYPOTHESIS_PROFILE``, default ``ci``):
+    dev  few examples, for iterating locally;
+    ci   derandomized so every run draws the same examples, no deadline, failing blobs printed.
+
+``QWENVL_PARITY_REPORT=path.json`` writes the (backend, dtype, error, bound) rows that the attention parity
+tests record; ``scripts/parity_report_to_md.py`` turns that file into the table in docs/gpu-parity.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import tolerances
+
+settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+_REPORT_ENV = "QWENVL_PARITY_REPORT"
+_WORKER_KEY = "qwenvl_parity_rows"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="device for the parity tests; 'cuda' also runs the tests marked gpu",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda was given but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run with --device cuda")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _aggregate(rows):
+    """One row per (test, backend, device, dtype, quantity): examples seen, worst error and its bound."""
+    groups = defaultdict(list)
+    for row in rows:
+        key = (row["test"], row["backend"], row["device"], row["dtype"], row["name"])
+        groups[key].append(row)
+    table = []
+    for (test, backend, device, dtype, name), group in sorted(groups.items()):
+        worst = max(group, key=lambda r: r["err"] / r["bound"] if r["bound"] > 0 else float("inf"))
+        table.append(
+            {
+                "test": test,
+                "backend": backend,
+                "device": device,
+                "dtype": dtype,
+                "quantity": name,
+                "examples": len(group),
+                "max_err": max(r["err"] for r in group),
+                "worst_err": worst["err"],
+                "worst_bound": worst["bound"],
+                "worst_ratio": worst["err"] / worst["bound"] if worst["bound"] > 0 else None,
+            }
+        )
+    return table
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    # xdist controller: gather what each worker recorded.
+    rows = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
+    if rows:
+        tolerances.PARITY_ROWS.extend(json.loads(rows))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get(_REPORT_ENV)
+    if not path:
+        return
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[_WORKER_KEY] = json.dumps(tolerances.PARITY_ROWS)
+        return
+    device = session.config.getoption("--device")
+    on_cuda = device == "cuda" and torch.cuda.is_available()
+    report = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
+        "hypothesis_profile": os.environ.get("HYPOTHESIS_PROFILE", "ci"),
+        "rows": _aggregate(tolerances.PARITY_ROWS),
+    }
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""``torch`` backend: ``torch.nn.attention.varlen.varlen_attn``, one kernel over the whole packed row.
+
+Legend: T = packed tokens, N = query heads, K = kv heads, H = head dim.
+
+CUDA only, fp16/bf16 only (fp32 inputs are cast to ``compute_dtype`` and back), no dropout, no softcap.
+Causal attention is the window ``(-1, 0)``; a causal sliding window is ``(left, 0)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from ._registry import UnsupportedAttentionOption, effective_window, half_precision_inputs
+
+NAME = "torch"
+_MAX_HEAD_DIM = 256
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
+
+# torch 2.11 has no enable_gqa; there the kv heads are repeated to match the query heads.
+_HAS_GQA = _varlen_attn is not None and "enable_gqa" in inspect.signature(_varlen_attn).parameters
+
+
+def is_available(device: torch.device) -> bool:
+    return _varlen_attn is not None and device.type == "cuda" and torch.cuda.is_available()
+
+
+def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str | None:
+    if dropout_p:
+        return f"dropout_p={dropout_p}"
+    if softcap:
+        return f"softcap={softcap}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype={dtype}"
+    if head_dim is not None and head_dim > _MAX_HEAD_DIM:
+        return f"head_dim={head_dim}"
+    return None
+
+
+def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):
+    if dropout_p:
+        raise UnsupportedAttentionOption(NAME, f"dropout_p={dropout_p}", "varlen_attn has no dropout")
+    if softcap:
+        raise UnsupportedAttentionOption(NAME, f"softcap={softcap}", "varlen_attn has no softcap")
+    if _varlen_attn is None:
+        raise UnsupportedAttentionOption(NAME, "this torch", f"torch {torch.__version__} has no varlen_attn")
+    if q_TNH.device.type != "cuda":
+        raise UnsupportedAttentionOption(NAME, f"device={q_TNH.device}", "varlen_attn runs on CUDA only")
+    if meta.total == 0:
+        return torch.zeros_like(q_TNH)
+    head_dim = q_TNH.shape[-1]
+    if head_dim > _MAX_HEAD_DIM:
+        raise UnsupportedAttentionOption(NAME, f"head_dim={head_dim}", f"the kernel stops at {_MAX_HEAD_DIM}")
+    out_dtype, (q_TNH, k_TKH, v_TKH) = half_precision_inputs(NAME, compute_dtype, q_TNH, k_TKH, v_TKH)
+    n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
+    gqa = {}
+    if n_heads != kv_heads:
+        if _HAS_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k_TKH = k_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+            v_TKH = v_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    # The flash kernel wants the head dim a multiple of 8; zero columns change neither q.k nor the kept
+    # part of the output (the scale is passed explicitly, so it still uses the true head dim).
+    pad = -head_dim % 8
+    if pad:
+        q_TNH, k_TKH, v_TKH = (F.pad(t, (0, pad)) for t in (q_TNH, k_TKH, v_TKH))
+    out_TNH = _varlen_attn(
+        q_TNH.contiguous(),
+        k_TKH.contiguous(),
+        v_TKH.contiguous(),
+        meta.cu_seqlens,
+        meta.cu_seqlens,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        scale=scale,
+        window_size=effective_window(causal, window),
+        **gqa,
+    )
+    if pad:
+        out_TNH = out_TNH[..., :head_dim]
+    return out_TNH.to(out_dtype)

@@ -1,0 +1,138 @@
+"""Reference attention over a packed row with an explicit mask, in the style of flash-attention's tests.
+
+Legend: T = packed tokens, S = segments, N = query heads, K = kv heads, H = head dim.
+
+The mask is the whole specification: ``mask_TT[i, j]`` is True where query i may attend key j::
+
+    tokens        a0 a1 a2 | b0 b1
+    segment ids   0  0  0    1  1
+    causal mask   a0  1
+                  a1  1 1
+                  a2  1 1 1
+                  b0        1
+                  b1        1 1
+    window (1, 0) drops a2 -> a0: only i - 1 <= j <= i survives.
+
+Nothing here is fast: scores are a dense ``(N, T, T)`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attention_ref",
+    "mask_from_cu_seqlens",
+    "mask_from_segment_ids",
+    "mask_from_position_ids",
+    "block_diag_mask",
+]
+
+
+def attention_ref(
+    q_TNH: torch.Tensor,
+    k_TKH: torch.Tensor,
+    v_TKH: torch.Tensor,
+    mask_TT: torch.Tensor,
+    *,
+    upcast: bool = True,
+    reorder_ops: bool = False,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked softmax attention, computed the plain way.
+
+    Args:
+        q_TNH: ``(T, N, H)``; k_TKH, v_TKH: ``(T, K, H)`` with ``N % K == 0`` (kv heads are repeated).
+        mask_TT: bool ``(T, T)``, True = may attend.
+        upcast: compute in float32 (float64 inputs stay float64) and return that dtype; with False the
+            whole computation runs in the input dtype, which is the "plain PyTorch" error the tests scale by.
+        reorder_ops: scale k instead of q (a different rounding of the same maths).
+        scale: default ``1 / sqrt(H)``.
+        softcap: if > 0, ``scores = softcap * tanh(scores / softcap)`` before masking.
+        dropout_p, dropout_mask: bool keep-mask ``(N, T, T)``; dropped probabilities are zeroed and the kept
+            ones scaled by ``1 / (1 - dropout_p)``. Required when ``dropout_p > 0``.
+
+    Returns:
+        ``(T, N, H)``. Rows with nothing to attend are exact zeros, with zero gradient (no NaN anywhere).
+    """
+    n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
+    if n_heads % kv_heads != 0:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of kv heads ({kv_heads})")
+    if upcast and q_TNH.dtype != torch.float64:
+        q_TNH, k_TKH, v_TKH = q_TNH.float(), k_TKH.float(), v_TKH.float()
+    k_TNH = k_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    v_TNH = v_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_TNH.shape[-1])
+    if reorder_ops:
+        scores_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH * scale)
+    else:
+        scores_NTT = torch.einsum("qnh,knh->nqk", q_TNH * scale, k_TNH)
+    if softcap > 0:
+        scores_NTT = torch.tanh(scores_NTT / softcap) * softcap
+    mask_TT = mask_TT.to(device=scores_NTT.device, dtype=torch.bool)
+    empty_T1 = ~mask_TT.any(dim=-1, keepdim=True)
+    # Fully masked rows would softmax to NaN; give them finite scores, then zero their probabilities.
+    scores_NTT = scores_NTT.masked_fill(~mask_TT, float("-inf")).masked_fill(empty_T1, 0.0)
+    probs_NTT = torch.softmax(scores_NTT, dim=-1).masked_fill(empty_T1, 0.0)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")
+        probs_NTT = probs_NTT.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
+    return torch.einsum("nqk,knh->qnh", probs_NTT, v_TNH)
+
+
+def _segment_mask_TT(seg_T: torch.Tensor, *, causal: bool, window: tuple[int, int]) -> torch.Tensor:
+    """bool ``(T, T)`` from per-token segment ids by index arithmetic."""
+    idx_T = torch.arange(seg_T.numel(), device=seg_T.device)
+    q_T1, k_1T = idx_T[:, None], idx_T[None, :]
+    mask_TT = seg_T[:, None] == seg_T[None, :]
+    if causal:
+        mask_TT &= q_T1 >= k_1T
+    left, right = window
+    if left >= 0:
+        mask_TT &= k_1T >= q_T1 - left
+    if right >= 0:
+        mask_TT &= k_1T <= q_T1 + right
+    return mask_TT
+
+
+def mask_from_cu_seqlens(
+    cu_seqlens: torch.Tensor, *, causal: bool, window: tuple[int, int] = (-1, -1)
+) -> torch.Tensor:
+    """int ``(S + 1,)`` cu_seqlens -> bool ``(T, T)`` block-diagonal mask."""
+    cu = cu_seqlens.long()
+    lengths_S = cu[1:] - cu[:-1]
+    seg_T = torch.repeat_interleave(torch.arange(lengths_S.numel(), device=cu.device), lengths_S)
+    return _segment_mask_TT(seg_T, causal=causal, window=window)
+
+
+def mask_from_segment_ids(
+    segment_ids: torch.Tensor, *, causal: bool, window: tuple[int, int] = (-1, -1)
+) -> torch.Tensor:
+    """int ``(T,)`` segment ids (equal ids = same sample) -> bool ``(T, T)`` mask."""
+    return _segment_mask_TT(segment_ids, causal=causal, window=window)
+
+
+def mask_from_position_ids(
+    position_ids: torch.Tensor, *, causal: bool, window: tuple[int, int] = (-1, -1)
+) -> torch.Tensor:
+    """int ``(T,)`` positions -> bool ``(T, T)`` mask; a new sample starts wherever the position is 0."""
+    seg_T = torch.cumsum((position_ids == 0).long(), dim=0)
+    return _segment_mask_TT(seg_T, causal=causal, window=window)
+
+
+def block_diag_mask(lengths, causal: bool) -> torch.Tensor:
+    """bool ``(T, T)`` from segment lengths via ``torch.block_diag``: a construction independent of the above."""
+    blocks = []
+    for length in (int(n) for n in lengths):
+        ones = torch.ones(length, length)
+        blocks.append(torch.tril(ones) if causal else ones)
+    if not blocks:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    return torch.block_diag(*blocks).bool()
