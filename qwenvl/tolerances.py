@@ -12,7 +12,12 @@ yardstick (plain float32 math) shares the kernel's precision while the fused SDP
 way: the backward recomputes the softmax from the log-sum-exp (at single elements up to ~6x less accurate
 than autograd; ~1.5% of ~1000 random CPU draws exceeded k = 3, ratio up to 4.5) and the forward's online
 softmax reached a ratio of 2.9 (2 of 600 draws over k = 2). float32's k_out = 4 and k_grad = 6 are set
-from those measurements, not to pass a given draw; the half dtypes keep flash-attention's values.
+from those measurements, not to pass a given draw. On CUDA, float32 SDPA with a mask runs the
+memory-efficient kernel, whose blocked fp32 backward strays further: over 300 random draws on an H200 the
+smallest k that would pass was 2.8 (out), 6.0 (dq), 8.0 (dk), 4.4 (dv), and one explicit corner case
+(eight segments of 1-3 tokens, window (1, 0)) needed 10.8 for dq; hence k_grad = 16 there (absolute errors
+~2e-6). ``scripts/measure_tails.py`` repeats the measurement. The half dtypes keep flash-attention's values
+and need them: on the H200 no draw of the sdpa or torch backends came above k = 1.0.
 
 ``zero_atol`` applies only when the reference and the plain computation are both identically zero (every
 query sees one key: dq and dk are exactly 0, the rule's bound is 0, a fused kernel leaves ~1e-7 of
@@ -38,7 +43,7 @@ class Tolerance(NamedTuple):
 TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("cpu", torch.float32): Tolerance(k_out=4, k_grad=6, zero_atol=1e-5, model_atol=1e-4),
     ("cpu", torch.bfloat16): Tolerance(k_out=2, k_grad=3, zero_atol=1e-5, model_atol=None),
-    ("cuda", torch.float32): Tolerance(k_out=4, k_grad=6, zero_atol=1e-5, model_atol=1e-4),
+    ("cuda", torch.float32): Tolerance(k_out=4, k_grad=16, zero_atol=1e-5, model_atol=1e-4),
     ("cuda", torch.bfloat16): Tolerance(k_out=2, k_grad=3, zero_atol=1e-5, model_atol=None),
     ("cuda", torch.float16): Tolerance(k_out=2, k_grad=3, zero_atol=1e-5, model_atol=None),
 }

@@ -18,4 +18,4 @@ timeout 240 python3 -m pytest -p no:cacheprovider --device cuda -q parity_tests/
   2>&1 | tail -15 | tee "$OUT/pytest-models-gpu.txt"
 timeout 200 qwenvl verify --device cuda --json "$OUT/verify-cuda.json" 2>&1 | tail -60 | tee "$OUT/verify.txt" \
   || timeout 200 python3 -m qwenvl.cli verify --device cuda --json "$OUT/verify-cuda.json" 2>&1 | tail -60 | tee "$OUT/verify.txt"
-timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/bench-attention.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
+[ -n "${SKIP_BENCH:-}" ] || timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/bench-attention.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"

@@ -23,8 +23,30 @@ try:
 except ImportError:
     _varlen_attn = None
 
-# torch 2.11 has no enable_gqa; there the kv heads are repeated to match the query heads.
+# torch 2.11's varlen_attn has no enable_gqa. The FlashAttention-2 op underneath it handles fewer kv heads
+# natively and has autograd, so GQA calls go to that op directly instead of repeating kv heads (which cost
+# 1.6x the kernel time at 8k tokens, 32 q / 8 kv heads, on an H200).
 _HAS_GQA = _varlen_attn is not None and "enable_gqa" in inspect.signature(_varlen_attn).parameters
+
+
+def _flash_op_gqa(q_TNH, k_TKH, v_TKH, meta, *, scale, window):
+    left, right = window
+    out_TNH, *_ = torch.ops.aten._flash_attention_forward(
+        q_TNH,
+        k_TKH,
+        v_TKH,
+        meta.cu_seqlens,
+        meta.cu_seqlens,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        0.0,
+        (left, right) == (-1, 0),
+        False,
+        scale=scale,
+        window_size_left=left,
+        window_size_right=right,
+    )
+    return out_TNH
 
 
 def is_available(device: torch.device) -> bool:
@@ -59,30 +81,29 @@ def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, so
         raise UnsupportedAttentionOption(NAME, f"head_dim={head_dim}", f"the kernel stops at {_MAX_HEAD_DIM}")
     out_dtype, (q_TNH, k_TKH, v_TKH) = half_precision_inputs(NAME, compute_dtype, q_TNH, k_TKH, v_TKH)
     n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
-    gqa = {}
-    if n_heads != kv_heads:
-        if _HAS_GQA:
-            gqa = {"enable_gqa": True}
-        else:
-            k_TKH = k_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
-            v_TKH = v_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    gqa = {"enable_gqa": True} if n_heads != kv_heads and _HAS_GQA else {}
     # The flash kernel wants the head dim a multiple of 8; zero columns change neither q.k nor the kept
     # part of the output (the scale is passed explicitly, so it still uses the true head dim).
     pad = -head_dim % 8
     if pad:
         q_TNH, k_TKH, v_TKH = (F.pad(t, (0, pad)) for t in (q_TNH, k_TKH, v_TKH))
-    out_TNH = _varlen_attn(
-        q_TNH.contiguous(),
-        k_TKH.contiguous(),
-        v_TKH.contiguous(),
-        meta.cu_seqlens,
-        meta.cu_seqlens,
-        meta.max_seqlen,
-        meta.max_seqlen,
-        scale=scale,
-        window_size=effective_window(causal, window),
-        **gqa,
-    )
+    q_TNH, k_TKH, v_TKH = q_TNH.contiguous(), k_TKH.contiguous(), v_TKH.contiguous()
+    window = effective_window(causal, window)
+    if n_heads != kv_heads and not _HAS_GQA:
+        out_TNH = _flash_op_gqa(q_TNH, k_TKH, v_TKH, meta, scale=scale, window=window)
+    else:
+        out_TNH = _varlen_attn(
+            q_TNH,
+            k_TKH,
+            v_TKH,
+            meta.cu_seqlens,
+            meta.cu_seqlens,
+            meta.max_seqlen,
+            meta.max_seqlen,
+            scale=scale,
+            window_size=window,
+            **gqa,
+        )
     if pad:
         out_TNH = out_TNH[..., :head_dim]
     return out_TNH.to(out_dtype)
