@@ -211,11 +211,11 @@ def test_auto_resolution(device):
 def test_unknown_backend_lists_names(device):
     with pytest.raises(ValueError, match=r"unknown attention backend 'nope'.*sdpa.*torch.*flash_attn"):
         resolve_backend("nope", device=device, dtype=torch.float32, dropout_p=0.0, window=(-1, -1), softcap=0.0)
-    assert set(BACKENDS) == {"sdpa", "torch", "flash_attn"}
+    assert set(BACKENDS) == {"sdpa", "torch", "flash_attn", "reference"}
 
 
 def test_backends_unavailable_on_cpu_say_so():
-    assert available_backends("cpu") == ["sdpa"]
+    assert available_backends("cpu") == ["sdpa", "reference"]
     q, k, v, meta = _small("cpu")
     for name in ("torch", "flash_attn"):
         with pytest.raises(ValueError, match=rf"{name}.*not available on cpu"):

@@ -74,6 +74,13 @@ def test_packed_equals_each_sample_alone(family, specs, convention, device):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_packed_on_the_reference_attention(family, device):
+    # The same packed model with every attention computed by qwenvl.reference (dense mask, float64).
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    _assert_case(run_case(family, backend="reference", device=device, dtype=dtype, convention="hf_kwargs"))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_patched_eager_model(family):
     # The entry point must work whatever attn_implementation the model was loaded with.
     _assert_case(run_case(family, attn_implementation="eager", convention="upstream"))

@@ -64,6 +64,8 @@ BACKENDS: dict[str, Backend] = {
     "sdpa": Backend("sdpa", "._sdpa"),
     "torch": Backend("torch", "._torch_varlen"),
     "flash_attn": Backend("flash_attn", "._flash_attn"),
+    # The oracle, for whole-model checks; never chosen by auto.
+    "reference": Backend("reference", "._reference"),
 }
 
 # auto tries these in order on CUDA with half-precision inputs.
