@@ -3,6 +3,7 @@
 For each packing (total tokens x documents) and kv-head count it times forward and forward+backward of:
 
     ours-torch     qwenvl varlen_attention(backend="torch")
+    ours-auto      qwenvl varlen_attention(backend="auto"), what the patched models call by default
     raw-varlen     torch.nn.attention.varlen.varlen_attn called directly (our overhead = ours - raw)
     ours-sdpa      qwenvl varlen_attention(backend="sdpa"), one SDPA call per document
     flex           compiled flex_attention with a document-causal BlockMask (skipped if it fails)
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=150.0, help="skip remaining methods once this much time is spent")
-    p.add_argument("--methods", nargs="+", default=["ours-torch", "raw-varlen", "ours-sdpa", "flex", "dense-sdpa"])
+    p.add_argument("--methods", nargs="+", default=["ours-torch", "ours-auto", "raw-varlen", "ours-sdpa", "flex", "dense-sdpa"])
     return p.parse_args(argv)
 
 
@@ -125,6 +126,7 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
 
     return {
         "ours-torch": lambda: ours("torch"),
+        "ours-auto": lambda: ours("auto"),
         "raw-varlen": raw_varlen,
         "ours-sdpa": lambda: ours("sdpa"),
         "flex": flex,

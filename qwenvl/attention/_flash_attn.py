@@ -21,8 +21,12 @@ _MAX_HEAD_DIM = 256
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _varlen_func(version: int):
-    """``flash_attn_varlen_func`` of FA2 (``version=2``) or FA3 (``version=3``), or ``None`` if absent."""
+    """``flash_attn_varlen_func`` of FA2 (``version=2``) or FA3 (``version=3``), or ``None`` if absent.
+
+    Cached: a failed import is not remembered by Python, and ``auto`` asks once per layer call.
+    """
     module = "flash_attn" if version == 2 else "flash_attn_interface"
     try:
         return importlib.import_module(module).flash_attn_varlen_func

@@ -13,6 +13,7 @@ module.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -102,7 +103,12 @@ def resolve_backend(
     (CPU, fp32 on CUDA where sdpa is exact) it picks sdpa. If nothing supports the options,
     ``UnsupportedAttentionOption`` says which option each candidate refused.
     """
-    dev = _as_device(device)
+    return _resolve(name, _as_device(device), dtype, float(dropout_p), tuple(window), float(softcap), head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(name, dev, dtype, dropout_p, window, softcap, head_dim) -> str:
+    # Cached: the patched models ask once per layer call, and the answer depends only on these arguments.
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
