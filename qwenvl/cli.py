@@ -21,7 +21,7 @@ def _cases(args):
 
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for device in devices:
-        dtypes = {"cpu": [torch.float32], "cuda": [torch.bfloat16]}[torch.device(device).type]
+        dtypes = [torch.bfloat16] if torch.device(device).type == "cuda" else [torch.float32]
         if args.dtype:
             dtypes = [getattr(torch, name) for name in args.dtype]
         backends = args.backend or available_backends(device)

@@ -40,6 +40,7 @@ __all__ = [
     "segment_ids_to_cu_seqlens",
     "cu_seqlens_to_position_ids",
     "position_ids_to_cu_seqlens",
+    "mask_boundary_labels",
 ]
 
 
@@ -214,3 +215,22 @@ def position_ids_to_cu_seqlens(position_ids_T: torch.Tensor) -> torch.Tensor:
     if int(cu[0]) != 0:
         raise ValueError("position ids must start at 0 to mark the first segment")
     return cu
+
+
+def mask_boundary_labels(labels_T: torch.Tensor, cu_seqlens_S1: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels with each sample's first token set to ``ignore_index``, so no label predicts across a boundary.
+
+    A causal LM loss shifts labels left by one: the logits at a sample's last token are scored against the
+    label of the next sample's first token. Ignoring every first token removes exactly those pairs::
+
+        tokens   a0 a1 a2 | b0 b1
+        labels   -  a1 a2 | -  b1      (the loss pairs logits(a2) with b0's label: now ignored)
+
+    ``labels_T`` may be ``(T,)`` or ``(1, T)``; a new tensor is returned.
+    """
+    out = labels_T.clone()
+    flat = out.view(-1)
+    starts = cu_seqlens_S1[:-1].long()
+    starts = starts[starts < flat.numel()]  # zero-length segments at the end start nowhere
+    flat[starts] = ignore_index
+    return out

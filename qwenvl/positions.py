@@ -65,18 +65,22 @@ def packed_position_ids(
     *,
     image_grid_thw: Sequence[torch.Tensor | None] | None = None,
     video_grid_thw: Sequence[torch.Tensor | None] | None = None,
+    second_per_grid_ts: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Concatenate each sample's own positions into the upstream packed form ``(3, 1, T)``.
 
     Args:
         samples_input_ids: one int ``(L_i,)`` tensor per sample.
         image_grid_thw / video_grid_thw: per sample, its grids ``(n_i, 3)`` or ``None``.
+        second_per_grid_ts: per sample, Qwen2.5-VL's seconds per temporal video patch (the processor's
+            output) or ``None``; without it videos get the model's default temporal spacing.
     """
     n = len(samples_input_ids)
-    image_grid_thw = image_grid_thw or [None] * n
-    video_grid_thw = video_grid_thw or [None] * n
+    columns = [image_grid_thw or [None] * n, video_grid_thw or [None] * n, second_per_grid_ts or [None] * n]
+    if any(len(column) != n for column in columns):
+        raise ValueError(f"give one entry per sample ({n}) for each of image_grid_thw, video_grid_thw, second_per_grid_ts")
     rows = [
-        rope_index(model, ids[None], image_grid_thw=img, video_grid_thw=vid)[:, 0]
-        for ids, img, vid in zip(samples_input_ids, image_grid_thw, video_grid_thw)
+        rope_index(model, ids[None], image_grid_thw=img, video_grid_thw=vid, second_per_grid_ts=spg)[:, 0]
+        for ids, img, vid, spg in zip(samples_input_ids, *columns)
     ]
     return torch.cat(rows, dim=-1)[:, None, :]

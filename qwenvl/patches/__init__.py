@@ -36,35 +36,60 @@ logger = logging.getLogger(__name__)
 
 VARLEN_IMPLEMENTATION = "qwenvl_flash_varlen"
 
-_ACTIVE: "PatchHandle | None" = None
+_ACTIVE: "_AppliedPatch | None" = None
 
 
 class PatchError(RuntimeError):
     """A patch target is missing or has a signature we do not know: nothing was changed."""
 
 
-class PatchHandle:
-    """An applied patch. ``revert()`` (or leaving the ``with`` block) restores every original."""
+class _AppliedPatch:
+    """The patch itself, shared by every handle that asked for it; undone when the last handle lets go."""
 
     def __init__(self, state: _dispatch.PatchState, recorder: PatchRecorder, families: tuple[str, ...]):
         self.state = state
+        self.recorder = recorder
         self.families = families
-        self._recorder = recorder
-        self._models: list = []
+        self.handles = 0
+
+
+class PatchHandle:
+    """One claim on the applied patch. ``revert()`` (or leaving the ``with`` block) drops it, undoing what this
+    call added (a model's vision routing); the patch itself is undone, exactly, when the last handle goes.
+
+    Handles nest: ``with qwenvl.patch(model):`` inside an earlier ``qwenvl.patch()`` leaves the outer patch in
+    place on exit.
+    """
+
+    def __init__(self, applied: _AppliedPatch, own: PatchRecorder):
+        self._applied = applied
+        self._own = own
+        self._released = False
+        applied.handles += 1
 
     @property
     def backend(self) -> str:
-        return self.state.backend
+        return self._applied.state.backend
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return self._applied.families
 
     @property
     def active(self) -> bool:
-        return _ACTIVE is self
+        return not self._released and _ACTIVE is self._applied
 
     def revert(self) -> None:
         global _ACTIVE
-        self._recorder.undo()
-        if _ACTIVE is self:
-            _ACTIVE = None
+        if self._released:
+            return
+        self._released = True
+        self._own.undo()
+        self._applied.handles -= 1
+        if self._applied.handles == 0:
+            self._applied.recorder.undo()
+            if _ACTIVE is self._applied:
+                _ACTIVE = None
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -77,8 +102,18 @@ class PatchHandle:
         return f"PatchHandle(families={self.families}, backend={self.backend!r}, {state})"
 
 
-def active_patch() -> PatchHandle | None:
+def active_patch() -> "_AppliedPatch | None":
+    """The applied patch (families, backend state), or ``None`` when nothing is patched."""
     return _ACTIVE
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        # Installed without sources (bytecode only): this one check cannot be made; the parity harness
+        # (`qwenvl verify`) still proves the dispatch end to end.
+        return "ALL_ATTENTION_FUNCTIONS"
 
 
 def _check_family(spec: FamilySpec) -> list[str]:
@@ -109,7 +144,7 @@ def _check_family(spec: FamilySpec) -> list[str]:
         cls = getattr(module, cls_name, None)
         if cls is None:
             problems.append(f"{spec.module}.{cls_name} is missing")
-        elif "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(cls.forward):
+        elif "ALL_ATTENTION_FUNCTIONS" not in _source(cls.forward):
             problems.append(f"{cls_name}.forward no longer resolves its attention through ALL_ATTENTION_FUNCTIONS")
     if spec.aux_loss is not None:
         fn = getattr(module, spec.aux_loss, None)
@@ -190,8 +225,9 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
         backend: the varlen backend, see ``qwenvl.attention.available_backends`` ("auto" picks per call).
         families: restrict to these family names (default: all supported, or the model's).
 
-    Calling it again while a patch is active returns the active handle (patching twice is harmless); asking
-    for a different backend then is an error: revert first.
+    Calling it again while a patch is active returns another handle on the same patch (patching twice is
+    harmless, and the patch stays until every handle is reverted); asking for a different backend or more
+    families then is an error: revert first.
     """
     global _ACTIVE
     from qwenvl.attention import BACKENDS
@@ -208,17 +244,18 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
         specs = list(FAMILIES.values())
 
     if _ACTIVE is not None:
-        if _ACTIVE.backend != backend:
+        if _ACTIVE.state.backend != backend:
             raise ValueError(
-                f"a qwenvl patch with backend {_ACTIVE.backend!r} is already active; revert it before patching "
-                f"with backend {backend!r}"
+                f"a qwenvl patch with backend {_ACTIVE.state.backend!r} is already active; revert it before "
+                f"patching with backend {backend!r}"
             )
         missing = [s.name for s in specs if s.name not in _ACTIVE.families]
         if missing:
             raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
+        own = PatchRecorder()
         if model is not None:
-            _route_vision(model, _ACTIVE._recorder)
-        return _ACTIVE
+            _route_vision(model, own)
+        return PatchHandle(_ACTIVE, own)
 
     problems = [f"{spec.name}: {p}" for spec in specs for p in _check_family(spec)]
     if problems:
@@ -227,16 +264,17 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
         )
 
     state = _dispatch.PatchState(backend=backend)
-    recorder = PatchRecorder()
+    recorder, own = PatchRecorder(), PatchRecorder()
     try:
         _register_implementation(recorder)
         for spec in specs:
             _apply_family(spec, recorder, state)
         if model is not None:
-            _route_vision(model, recorder)
+            _route_vision(model, own)
     except BaseException:
+        own.undo()
         recorder.undo()
         raise
-    _ACTIVE = PatchHandle(state, recorder, tuple(s.name for s in specs))
+    _ACTIVE = _AppliedPatch(state, recorder, tuple(s.name for s in specs))
     logger.info("qwenvl: patched %s for packed batches (backend=%s)", ", ".join(_ACTIVE.families), backend)
-    return _ACTIVE
+    return PatchHandle(_ACTIVE, own)

@@ -77,10 +77,9 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
       1. upstream Qwen-VL: ``attention_mask`` is 1-D int cu_seqlens over the B * L tokens;
       2. transformers: ``cu_seq_lens_q``/``cu_seq_lens_k`` (and ``max_length_q``/``max_length_k``) kwargs;
       3. transformers: 4-row ``position_ids`` ``[text; t; h; w]`` and no attention mask: a sample starts
-         wherever the text row is 0;
-      4. no mask and no packing information: each row is one sample (this also keeps 3-row positions from
-         being mistaken for packing by releases that look for restarts in the temporal row).
-    Returns ``None`` for an ordinary batch (2-D padding mask) or a cache being continued.
+         wherever the text row is 0.
+    Returns ``None`` for everything else (a 2-D padding mask, no mask and no packing information, a cache
+    being continued): the original code runs unchanged, exactly as it would unpatched.
     """
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
@@ -108,11 +107,6 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
 
     if is_cu_mask:
         meta = VarlenMeta.from_cu_seqlens(attention_mask, total=rows * row_len, device=device)
-        if position_ids is None:
-            raise ValueError(
-                "a packed batch (attention_mask = cu_seqlens) needs position_ids: each sample's own mrope rows "
-                "concatenated, shape (3, 1, T); qwenvl.positions.packed_position_ids computes them"
-            )
     elif cu_q is not None:
         if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
             raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
@@ -120,19 +114,23 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
             if attention_mask.ndim != 2 or not bool(attention_mask.all()):
                 raise ValueError("cu_seq_lens_q was given together with a padding attention_mask; pass one or the other")
         meta = VarlenMeta.from_cu_seqlens(cu_q, total=rows * row_len, device=device)
-    elif attention_mask is None:
-        if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
-            starts = position_ids[0].reshape(-1) == 0
-            starts = starts.clone()
-            starts[::row_len] = True  # every row starts a sample
-            cu = torch.cat(
-                [torch.nonzero(starts).flatten(), torch.tensor([rows * row_len], device=starts.device)]
-            ).to(torch.int32)
-            meta = VarlenMeta.from_cu_seqlens(cu.to(device), total=rows * row_len)
-        else:
-            meta = VarlenMeta.from_lengths([row_len] * rows, device=device)
+    elif attention_mask is None and position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        starts = position_ids[0].reshape(-1) == 0
+        starts[::row_len] = True  # every row starts a sample
+        cu = torch.cat(
+            [torch.nonzero(starts).flatten(), torch.tensor([rows * row_len], device=starts.device)]
+        ).to(torch.int32)
+        meta = VarlenMeta.from_cu_seqlens(cu.to(device), total=rows * row_len)
     else:
         return None
+
+    if (is_cu_mask or cu_q is not None) and position_ids is None:
+        raise ValueError(
+            "a packed batch needs position_ids: each sample's own mrope rows concatenated, shape (3, 1, T) or the "
+            "4-row form; qwenvl.positions.packed_position_ids computes them"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions is not available for packed batches: the varlen kernels return no weights")
 
     if not _row_boundaries_ok(meta.offsets, rows, row_len):
         raise ValueError(
