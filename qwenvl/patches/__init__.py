@@ -123,11 +123,10 @@ def _check_family(spec: FamilySpec) -> list[str]:
     except ImportError as exc:
         return [f"cannot import {spec.module}: {exc}"]
     problems = []
-    for name in ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", *spec.mask_builders):
-        if not callable(getattr(module, name, None)) and name != "ALL_ATTENTION_FUNCTIONS":
+    for name in ("eager_attention_forward", *spec.mask_builders):
+        if not callable(getattr(module, name, None)):
             problems.append(f"{spec.module}.{name} is missing")
-    registry = getattr(module, "ALL_ATTENTION_FUNCTIONS", None)
-    if registry is None or not hasattr(registry, "__getitem__"):
+    if not hasattr(getattr(module, "ALL_ATTENTION_FUNCTIONS", None), "__getitem__"):
         problems.append(f"{spec.module}.ALL_ATTENTION_FUNCTIONS is missing")
     for cls_name in spec.entry_classes:
         cls = getattr(module, cls_name, None)
