@@ -531,3 +531,18 @@ def test_qwen2_5_video_seconds_per_grid_reach_the_packed_positions():
             cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
             got = model(**{**own, "attention_mask": cu, "position_ids": positions}).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_four_row_positions_start_a_sample_at_every_row(family):
+    # transformers' own packed detection starts a sample at each row's first token whatever its position;
+    # the patch must read 4-row positions the same way (compared with the unpatched model, cache off).
+    model = tiny_model(family)
+    ids = torch.randint(3, 400, (2, 10))
+    text = torch.tensor([[3, 4, 5, 6, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    positions = torch.cat([text[None], text[None].expand(3, 2, 10)])
+    with torch.no_grad():
+        unpatched = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        with qwenvl.patch(model):
+            patched = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(patched, unpatched, atol=1e-5, rtol=0)
