@@ -546,3 +546,16 @@ def test_four_row_positions_start_a_sample_at_every_row(family):
         with qwenvl.patch(model):
             patched = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(patched, unpatched, atol=1e-5, rtol=0)
+
+
+def test_flattened_two_dimensional_positions_are_refused():
+    # DataCollatorWithFlattening emits (1, T) positions restarting per sample: wrong mrope for Qwen-VL and mixed
+    # samples on transformers 5.x. The patched model says so instead of training on it.
+    model = tiny_model("qwen2_vl")
+    ids = torch.randint(3, 400, (1, 9))
+    flattened = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with qwenvl.patch(model):
+        with pytest.raises(ValueError, match=r"restart at 0 inside a row.*4-row position_ids"):
+            model(input_ids=ids, position_ids=flattened)
+        with torch.no_grad():  # an ordinary 2-D position row still works
+            model(input_ids=ids, position_ids=torch.arange(9)[None])

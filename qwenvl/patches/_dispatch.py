@@ -122,6 +122,15 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
         ).to(torch.int32)
         meta = VarlenMeta.from_cu_seqlens(cu.to(device), total=rows * row_len)
     else:
+        if attention_mask is None and position_ids is not None and position_ids.ndim == 2:
+            if bool((position_ids[:, 1:] == 0).any()):
+                # DataCollatorWithFlattening's form: one position row restarting per sample. transformers gives
+                # Qwen-VL models wrong (text-only) mrope positions from it and, on 5.x, mixes the samples.
+                raise ValueError(
+                    "position_ids of shape (B, T) restart at 0 inside a row (a packed batch), but Qwen-VL models need "
+                    "mrope positions: pass 4-row position_ids [text; t; h; w], or attention_mask=cu_seqlens with "
+                    "each sample's (3, 1, T) positions (qwenvl.positions.packed_position_ids)"
+                )
         return None
 
     if (is_cu_mask or cu_q is not None) and position_ids is None:
