@@ -559,3 +559,29 @@ def test_flattened_two_dimensional_positions_are_refused():
             model(input_ids=ids, position_ids=flattened)
         with torch.no_grad():  # an ordinary 2-D position row still works
             model(input_ids=ids, position_ids=torch.arange(9)[None])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_host_syncs_do_not_grow_with_depth(device, convention):
+    # The metadata is built once per forward: a deeper model must not sync more (no per-layer .item()).
+    import warnings
+
+    counts = []
+    for layers in (2, 6):
+        model = tiny_model("qwen3_vl", num_hidden_layers=layers).to(device, torch.bfloat16)
+        gen = torch.Generator().manual_seed(0)
+        batch = pack(model, [make_sample(model.config, SampleSpec(n), generator=gen) for n in (40, 17, 66)])
+        inputs = batch.to(device).model_inputs(convention)
+        with torch.no_grad(), qwenvl.patch(model, backend="torch"):
+            model(**inputs, use_cache=False)  # warm up lazy initialisation
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model(**inputs, use_cache=False)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], f"host syncs per forward grow with depth: {counts} for 2 and 6 layers"

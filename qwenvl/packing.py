@@ -27,7 +27,7 @@ token), so the position-id round trip is exact only for segments of length >= 1.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -70,6 +70,7 @@ class VarlenMeta(NamedTuple):
         *,
         total: int | None = None,
         device: torch.device | str | None = None,
+        host_offsets: Sequence[int] | None = None,
     ) -> "VarlenMeta":
         """Validate ``cu_seqlens`` and build the metadata (one host sync: the boundaries are copied once).
 
@@ -77,21 +78,32 @@ class VarlenMeta(NamedTuple):
             cu_seqlens: integer ``(S + 1,)``, any integer dtype; converted to int32.
             total: the number of packed tokens it must end at (the q/k/v length), if known.
             device: the device of the tensors it will index; ``cu_seqlens`` must already be there.
+            host_offsets: the same values already copied to the host by the caller (then no copy is made).
         """
-        validate_cu_seqlens(cu_seqlens, total=total, device=device)
-        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+        _check_structure(cu_seqlens, device)
+        offsets = tuple(int(x) for x in (cu_seqlens.tolist() if host_offsets is None else host_offsets))
+        if len(offsets) != cu_seqlens.numel():
+            raise ValueError(f"cu_seqlens has {cu_seqlens.numel()} values but host_offsets has {len(offsets)}")
         _check_offsets(offsets, total)
-        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-        return cls(
-            cu_seqlens=cu_seqlens.to(torch.int32),
-            max_seqlen=max(lengths, default=0),
-            num_segments=len(lengths),
-            offsets=offsets,
-        )
+        return cls._build(cu_seqlens.to(torch.int32), offsets)
+
+    @classmethod
+    def from_offsets(cls, offsets: Sequence[int], *, total: int | None = None, device=None) -> "VarlenMeta":
+        """Build from host boundaries, validated on the host and uploaded without waiting for the device."""
+        offsets = tuple(int(x) for x in offsets)
+        if not offsets:
+            raise ValueError("cu_seqlens must hold at least one value (0), got an empty sequence")
+        _check_offsets(offsets, total)
+        host = torch.tensor(offsets, dtype=torch.int32)
+        if device is not None and torch.device(device).type == "cuda":
+            cu = host.pin_memory().to(device, non_blocking=True)
+        else:
+            cu = host.to(device) if device is not None else host
+        return cls._build(cu, offsets)
 
     @classmethod
     def from_lengths(cls, lengths, *, device: torch.device | str | None = None) -> "VarlenMeta":
-        """Build from host segment lengths (a list of ints or a 1-D tensor); no device round trip."""
+        """Build from host segment lengths (a list of ints or a 1-D tensor)."""
         if isinstance(lengths, torch.Tensor):
             lengths = lengths.tolist()
         lengths = [int(n) for n in lengths]
@@ -100,12 +112,12 @@ class VarlenMeta(NamedTuple):
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        return cls(
-            cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
-            max_seqlen=max(lengths, default=0),
-            num_segments=len(lengths),
-            offsets=tuple(offsets),
-        )
+        return cls.from_offsets(offsets, device=device)
+
+    @classmethod
+    def _build(cls, cu_seqlens: torch.Tensor, offsets: tuple[int, ...]) -> "VarlenMeta":
+        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        return cls(cu_seqlens=cu_seqlens, max_seqlen=max(lengths, default=0), num_segments=len(lengths), offsets=offsets)
 
     def lengths(self) -> list[int]:
         return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
@@ -125,6 +137,12 @@ def validate_cu_seqlens(
     Checks: a tensor, 1-D, integer dtype, at least one value, on ``device`` (if given), starts at 0,
     never decreases, ends at ``total`` (if given). The value checks copy it to the host once.
     """
+    _check_structure(cu_seqlens, device)
+    _check_offsets(tuple(int(x) for x in cu_seqlens.tolist()), total)
+
+
+def _check_structure(cu_seqlens, device) -> None:
+    """The checks that need no values (no device sync)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.ndim != 1:
@@ -139,7 +157,6 @@ def validate_cu_seqlens(
         same = want.type == cu_seqlens.device.type and (want.index is None or cu_seqlens.device.index is None)
         if not same:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tensors are on {want}")
-    _check_offsets(tuple(int(x) for x in cu_seqlens.tolist()), total)
 
 
 def _check_offsets(offsets: tuple[int, ...], total: int | None) -> None:

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 QWENVL_PARITY_REPORT="$OUT/parity-rows.json" timeout 300 python3 -m pytest -p no:cacheprovider --device cuda -q \
   parity_tests/test_packing.py parity_tests/test_attention.py parity_tests/test_masks.py ${GPU_EXTRA_TESTS:-} 2>&1 | tail -40 | tee "$OUT/pytest-gpu.txt"
-timeout 240 python3 -m pytest -p no:cacheprovider --device cuda -q parity_tests/test_models.py -k "packed_equals or fp32_activations" \
+timeout 240 python3 -m pytest -p no:cacheprovider --device cuda -q -rA parity_tests/test_models.py -k "packed_equals or fp32_activations or host_syncs or reference" \
   2>&1 | tail -15 | tee "$OUT/pytest-models-gpu.txt"
 timeout 200 qwenvl verify --device cuda --json "$OUT/verify-cuda.json" 2>&1 | tail -60 | tee "$OUT/verify.txt" \
   || timeout 200 python3 -m qwenvl.cli verify --device cuda --json "$OUT/verify-cuda.json" 2>&1 | tail -60 | tee "$OUT/verify.txt"

@@ -108,19 +108,22 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
     if is_cu_mask:
         meta = VarlenMeta.from_cu_seqlens(attention_mask, total=rows * row_len, device=device)
     elif cu_q is not None:
-        if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
-            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
-        if isinstance(attention_mask, torch.Tensor):
-            if attention_mask.ndim != 2 or not bool(attention_mask.all()):
-                raise ValueError("cu_seq_lens_q was given together with a padding attention_mask; pass one or the other")
-        meta = VarlenMeta.from_cu_seqlens(cu_q, total=rows * row_len, device=device)
+        if attention_mask is not None:
+            raise ValueError("cu_seq_lens_q was given together with an attention_mask; pass one or the other")
+        host = None
+        if cu_k is not None and cu_k is not cu_q:
+            if not isinstance(cu_k, torch.Tensor) or cu_k.shape != getattr(cu_q, "shape", None):
+                raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
+            host_q, host_k = torch.stack([cu_q, cu_k.to(cu_q.device)]).tolist()  # the forward's one sync
+            if host_q != host_k:
+                raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
+            host = host_q
+        meta = VarlenMeta.from_cu_seqlens(cu_q, total=rows * row_len, device=device, host_offsets=host)
     elif attention_mask is None and position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
-        starts = position_ids[0].reshape(-1) == 0
+        starts = (position_ids[0].reshape(-1) == 0).cpu()  # the forward's one sync
         starts[::row_len] = True  # every row starts a sample
-        cu = torch.cat(
-            [torch.nonzero(starts).flatten(), torch.tensor([rows * row_len], device=starts.device)]
-        ).to(torch.int32)
-        meta = VarlenMeta.from_cu_seqlens(cu.to(device), total=rows * row_len)
+        offsets = [*torch.nonzero(starts).flatten().tolist(), rows * row_len]
+        meta = VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
     else:
         if attention_mask is None and position_ids is not None and position_ids.ndim == 2:
             if bool((position_ids[:, 1:] == 0).any()):
