@@ -169,6 +169,15 @@ def _targets(spec):
     return found
 
 
+def _current(owner, name):
+    return owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+
+
+def _assert_untouched(originals):
+    for owner, name, original in originals:
+        assert _current(owner, name) is original, f"{owner}.{name} is not the original"
+
+
 def test_patch_and_revert_by_identity():
     from transformers import AttentionInterface
 
@@ -178,21 +187,17 @@ def test_patch_and_revert_by_identity():
     handle = qwenvl.patch()
     try:
         for owner, name, original in originals:
-            current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-            assert current is not original, f"{owner}.{name} was not patched"
+            assert _current(owner, name) is not original, f"{owner}.{name} was not patched"
         assert "qwenvl_flash_varlen" in AttentionInterface._global_mapping
         second = qwenvl.patch()  # applying twice is harmless: another claim on the same patch
         assert second is not handle and active_patch() is not None
         second.revert()
         for owner, name, original in originals:
-            current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-            assert current is not original, f"{owner}.{name} was restored while a handle still holds the patch"
+            assert _current(owner, name) is not original, f"{owner}.{name} was restored while a handle still holds it"
     finally:
         handle.revert()
     handle.revert()  # a second revert is a no-op
-    for owner, name, original in originals:
-        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-        assert current is original, f"{owner}.{name} was not restored"
+    _assert_untouched(originals)
     assert "qwenvl_flash_varlen" not in AttentionInterface._global_mapping
     assert not handle.active
 
@@ -251,9 +256,7 @@ def test_unsupported_transformers_version(monkeypatch, version):
     with pytest.raises(UnsupportedTransformersVersion, match=rf"transformers {version} .*>=4\.57\.0,<6\.0\.0"):
         qwenvl.patch()
     assert active_patch() is None
-    for owner, name, original in originals:
-        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-        assert current is original
+    _assert_untouched(originals)
 
 
 def test_unknown_family():
@@ -276,9 +279,7 @@ def test_missing_target_never_half_applies(monkeypatch):
     with pytest.raises(PatchError, match=r"(?s)nothing was changed.*load_balancing_loss_func is missing"):
         qwenvl.patch()
     assert active_patch() is None
-    for owner, name, original in originals:
-        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
-        assert current is original
+    _assert_untouched(originals)
 
 
 @pytest.mark.parametrize(
