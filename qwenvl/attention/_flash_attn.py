@@ -14,10 +14,14 @@ import importlib
 
 import torch
 
-from ._registry import UnsupportedAttentionOption, effective_window, half_precision_inputs
+from ._registry import (
+    UnsupportedAttentionOption,
+    effective_window,
+    flash_kernel_refusal,
+    half_precision_inputs,
+)
 
 NAME = "flash_attn"
-_MAX_HEAD_DIM = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,11 +48,7 @@ def is_available(device: torch.device) -> bool:
 def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str | None:
     if dropout_p and _varlen_func(2) is None:
         return f"dropout_p={dropout_p} (only FA3 is installed)"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype={dtype}"
-    if head_dim is not None and head_dim > _MAX_HEAD_DIM:
-        return f"head_dim={head_dim}"
-    return None
+    return flash_kernel_refusal(dtype, head_dim)
 
 
 def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):

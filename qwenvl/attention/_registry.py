@@ -140,6 +140,18 @@ def effective_window(causal: bool, window: tuple[int, int]) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
+FLASH_MAX_HEAD_DIM = 256  # FlashAttention-2 kernels (flash-attn and torch's varlen) stop here
+
+
+def flash_kernel_refusal(dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """The dtype / head-dim limits shared by the FlashAttention kernels (fp32 is cast, so it is allowed)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype={dtype}"
+    if head_dim is not None and head_dim > FLASH_MAX_HEAD_DIM:
+        return f"head_dim={head_dim}"
+    return None
+
+
 def half_precision_inputs(
     backend: str, compute_dtype: torch.dtype | None, *tensors: torch.Tensor
 ) -> tuple[torch.dtype, list[torch.Tensor]]:

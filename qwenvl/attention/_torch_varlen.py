@@ -13,10 +13,15 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from ._registry import UnsupportedAttentionOption, effective_window, half_precision_inputs
+from ._registry import (
+    FLASH_MAX_HEAD_DIM,
+    UnsupportedAttentionOption,
+    effective_window,
+    flash_kernel_refusal,
+    half_precision_inputs,
+)
 
 NAME = "torch"
-_MAX_HEAD_DIM = 256
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -58,11 +63,7 @@ def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str |
         return f"dropout_p={dropout_p}"
     if softcap:
         return f"softcap={softcap}"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype={dtype}"
-    if head_dim is not None and head_dim > _MAX_HEAD_DIM:
-        return f"head_dim={head_dim}"
-    return None
+    return flash_kernel_refusal(dtype, head_dim)
 
 
 def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):
@@ -77,8 +78,8 @@ def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, so
     if meta.total == 0:
         return torch.zeros_like(q_TNH)
     head_dim = q_TNH.shape[-1]
-    if head_dim > _MAX_HEAD_DIM:
-        raise UnsupportedAttentionOption(NAME, f"head_dim={head_dim}", f"the kernel stops at {_MAX_HEAD_DIM}")
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        raise UnsupportedAttentionOption(NAME, f"head_dim={head_dim}", f"the kernel stops at {FLASH_MAX_HEAD_DIM}")
     out_dtype, (q_TNH, k_TKH, v_TKH) = half_precision_inputs(NAME, compute_dtype, q_TNH, k_TKH, v_TKH)
     n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
     gqa = {"enable_gqa": True} if n_heads != kv_heads and _HAS_GQA else {}
