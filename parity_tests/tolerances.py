@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from qwenvl.tolerances import TOLERANCES, Tolerance, reference_dtype, rounding_floor, tolerance
+from qwenvl.tolerances import TOLERANCES, Tolerance, judge, reference_dtype, tolerance
 
 __all__ = ["Tolerance", "TOLERANCES", "tolerance", "reference_dtype", "assert_close_by_rule", "PARITY_ROWS"]
 
@@ -20,7 +20,7 @@ PARITY_ROWS: list[dict[str, Any]] = []
 def assert_close_by_rule(
     out: torch.Tensor,
     out_ref: torch.Tensor,
-    out_pt: torch.Tensor,
+    out_pt: torch.Tensor | Sequence[torch.Tensor],
     *,
     k: float,
     name: str,
@@ -28,29 +28,16 @@ def assert_close_by_rule(
     record: dict[str, Any] | None = None,
     zero_atol: float | None = None,
 ) -> None:
-    """Assert ``out`` is within ``k`` times plain-PyTorch error of ``out_ref`` (see module docstring).
+    """Assert ``out`` is within ``k`` times plain-PyTorch error of ``out_ref`` (``qwenvl.tolerances.judge``).
 
-    ``out_pt`` sets the test dtype. ``zero_atol`` is used only when ``out_ref`` and ``out_pt`` are both
-    identically zero. ``record`` (labels such as backend and dtype) adds a row to ``PARITY_ROWS`` for the
-    parity report, whether or not the check passes.
+    ``out_pt``: the plain computation in the test dtype, or several (the largest error counts). ``record``
+    (labels such as backend and dtype) adds a row to ``PARITY_ROWS`` for the parity report, whether or not
+    the check passes.
     """
-    if out.shape != out_ref.shape or out_pt.shape != out_ref.shape:
-        shapes = [tuple(t.shape) for t in (out, out_ref, out_pt)]
-        raise AssertionError(f"{name}: shapes of out, out_ref, out_pt differ: {shapes}")
-    if out_ref.numel() == 0:
-        return
-    dtype = out_pt.dtype
-    ref64 = out_ref.detach().double()
-    err = (out.detach().double() - ref64).abs().max().item()
-    pt_err = (out_pt.detach().double() - ref64).abs().max().item()
-    floor = rounding_floor(out_ref, dtype)
-    bound = k * pt_err + floor
-    how = f"{k} * max|out_pt - out_ref| ({pt_err:.3e}) + floor ({floor:.3e})"
-    if zero_atol is not None and not ref64.any() and not out_pt.detach().any():
-        bound, how = zero_atol, "zero_atol (out_ref and out_pt identically zero)"
+    verdict = judge(out, out_ref, out_pt, k=k, zero_atol=zero_atol)
     if record is not None:
-        PARITY_ROWS.append({**record, "name": name, "err": err, "bound": bound})
-    if not err <= bound:  # also catches NaN
+        PARITY_ROWS.append({**record, "name": name, "err": verdict.err, "bound": verdict.bound})
+    if not verdict.passed:
         raise AssertionError(
-            f"{name}: max|out - out_ref| = {err:.3e} > bound {bound:.3e} = {how} [{dtype}]\ndraw: {draw}"
+            f"{name}: max|out - out_ref| = {verdict.err:.3e} > bound {verdict.bound:.3e} = {verdict.how}\ndraw: {draw}"
         )

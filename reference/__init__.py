@@ -6,6 +6,7 @@
 
 from .attention import (
     attention_ref,
+    attention_ref_flash_grads,
     block_diag_mask,
     mask_from_cu_seqlens,
     mask_from_position_ids,
@@ -14,6 +15,7 @@ from .attention import (
 
 __all__ = [
     "attention_ref",
+    "attention_ref_flash_grads",
     "block_diag_mask",
     "mask_from_cu_seqlens",
     "mask_from_position_ids",

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "attention_ref",
+    "attention_ref_flash_grads",
     "mask_from_cu_seqlens",
     "mask_from_segment_ids",
     "mask_from_position_ids",
@@ -85,6 +86,64 @@ def attention_ref(
             raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")
         probs_NTT = probs_NTT.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
     return torch.einsum("nqk,knh->qnh", probs_NTT, v_TNH)
+
+
+def attention_ref_flash_grads(
+    q_TNH: torch.Tensor,
+    k_TKH: torch.Tensor,
+    v_TKH: torch.Tensor,
+    mask_TT: torch.Tensor,
+    out_TNH: torch.Tensor,
+    dout_TNH: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` computed plainly, in the input dtype, by FlashAttention's backward algorithm.
+
+    Autograd through ``attention_ref`` differentiates the softmax directly; fused kernels instead recompute
+    the probabilities from the forward's log-sum-exp and subtract ``D = rowsum(dO * O)``::
+
+        P  = exp(S_bwd - LSE_fwd)         S recomputed, rounded another way than in the forward
+        dV = P^T dO      dP = dO V^T      dS = P * (dP - D)
+        dQ = dS K * scale                 dK = dS^T Q * scale
+
+    Both are plain computations of the same maths, but they round differently: where a segment is short or
+    a window leaves one key per query, autograd's ``p * (g - sum(p * g))`` cancels exactly while ``dP - D``
+    leaves a few ulps of ``|dO| |V|``, and ``P`` is no longer exactly 1. The tolerance rule therefore takes
+    the larger error of the two plain computations as its yardstick (``qwenvl.tolerances``).
+
+    Args:
+        out_TNH: the forward output in the same dtype (the kernel's ``O`` in ``D``), ``(T, N, H)``.
+        dout_TNH: the upstream gradient ``(T, N, H)``.
+    Returns:
+        ``dq (T, N, H)``, ``dk, dv (T, K, H)`` (kv-head groups summed), in the input dtype.
+    """
+    n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
+    group = n_heads // kv_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_TNH.shape[-1])
+    q_TNH, k_TKH, v_TKH = q_TNH.detach(), k_TKH.detach(), v_TKH.detach()
+    dout_TNH = dout_TNH.to(q_TNH.dtype)
+    k_TNH = k_TKH.repeat_interleave(group, dim=1)
+    v_TNH = v_TKH.repeat_interleave(group, dim=1)
+    mask_TT = mask_TT.to(device=q_TNH.device, dtype=torch.bool)
+    empty_T1 = ~mask_TT.any(dim=-1, keepdim=True)
+    scores_fwd_NTT = torch.einsum("qnh,knh->nqk", q_TNH * scale, k_TNH).masked_fill(~mask_TT, float("-inf"))
+    lse_NT1 = torch.logsumexp(scores_fwd_NTT.masked_fill(empty_T1, 0.0), dim=-1, keepdim=True)
+    scores_bwd_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH) * scale
+    probs_NTT = torch.exp(scores_bwd_NTT - lse_NT1).masked_fill(~mask_TT, 0.0).masked_fill(empty_T1, 0.0)
+    dv_TNH = torch.einsum("nqk,qnh->knh", probs_NTT, dout_TNH)
+    dprobs_NTT = torch.einsum("qnh,knh->nqk", dout_TNH, v_TNH)
+    d_NT1 = (dout_TNH * out_TNH.detach().to(q_TNH.dtype)).sum(-1).transpose(0, 1).unsqueeze(-1)
+    dscores_NTT = probs_NTT * (dprobs_NTT - d_NT1)
+    dq_TNH = torch.einsum("nqk,knh->qnh", dscores_NTT, k_TNH) * scale
+    dk_TNH = torch.einsum("nqk,qnh->knh", dscores_NTT, q_TNH) * scale
+    T = q_TNH.shape[0]
+
+    def per_kv_head(t_TNH: torch.Tensor) -> torch.Tensor:
+        return t_TNH.reshape(T, kv_heads, group, t_TNH.shape[-1]).sum(dim=2)
+
+    return dq_TNH, per_kv_head(dk_TNH), per_kv_head(dv_TNH)
 
 
 def _segment_mask_TT(seg_T: torch.Tensor, *, causal: bool, window: tuple[int, int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from qwenvl.tolerances import reference_dtype, rounding_floor, tolerance
+from qwenvl.tolerances import judge, reference_dtype, tolerance
 from qwenvl.verify.batches import Sample, SampleSpec, make_sample, pack, sample_inputs
 
 __all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
@@ -123,9 +123,8 @@ def run_case(
     logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device)
 
     tol = tolerance(device, dtype)
-    logits_err = _err(logits, ref_logits)
-    logits_bound = tol.k_out * _err(pt_logits, ref_logits) + rounding_floor(ref_logits, dtype)
-    passed = logits_err <= logits_bound
+    logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
+    passed = logits_verdict.passed
     grad_err, grad_bound, worst = 0.0, 0.0, ""
     if set(grads) != set(ref_grads):
         passed = False
@@ -133,16 +132,13 @@ def run_case(
     for name, ref in ref_grads.items():
         if name not in grads:
             continue
-        err = _err(grads[name], ref)
-        bound = tol.k_grad * _err(pt_grads[name], ref) + rounding_floor(ref, dtype)
-        if err > bound:
-            passed = False
-        if err - bound >= grad_err - grad_bound or not worst:
-            grad_err, grad_bound, worst = err, bound, name
+        verdict = judge(grads[name], ref, pt_grads[name], k=tol.k_grad)
+        passed = passed and verdict.passed
+        if verdict.err - verdict.bound >= grad_err - grad_bound or not worst:
+            grad_err, grad_bound, worst = verdict.err, verdict.bound, name
     if tol.model_atol is not None:
-        passed = passed and logits_err < tol.model_atol and max(
-            (_err(grads[n], ref_grads[n]) for n in grads if n in ref_grads), default=0.0
-        ) < tol.model_atol
+        largest = max((judge(grads[n], ref_grads[n], pt_grads[n], k=0).err for n in grads if n in ref_grads), default=0.0)
+        passed = passed and logits_verdict.err < tol.model_atol and largest < tol.model_atol
     return CaseResult(
         family=family,
         backend=backend,
@@ -151,17 +147,13 @@ def run_case(
         convention=convention,
         tokens=total,
         samples=len(samples),
-        logits_err=logits_err,
-        logits_bound=logits_bound,
+        logits_err=logits_verdict.err,
+        logits_bound=logits_verdict.bound,
         grad_err=grad_err,
         grad_bound=grad_bound,
         worst_grad=worst,
         passed=passed,
     )
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.to(b.dtype) - b).abs().max()) if a.numel() else 0.0
 
 
 def _to_dtype(sample: Sample, model) -> Sample:
