@@ -1,0 +1,70 @@
+"""The built wheel verifies itself: build it, install it into a fresh virtualenv, run ``qwenvl verify`` from
+outside the checkout. Catches a subpackage or data file missing from the wheel (an editable install hides
+both).
+
+The fresh virtualenv gets the wheel and nothing else of ours; torch and transformers come from the running
+interpreter's site-packages through a ``.pth`` line (a plain path: the editable install's own ``.pth`` hooks
+there are not run, so the checkout cannot leak in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*cmd, cwd, env=None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", ROOT, cwd=tmp)
+    (wheel,) = (tmp / "dist").glob("qwenvl-*.whl")
+    env_dir = tmp / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", wheel, cwd=tmp)
+    fresh_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp).strip())
+    (fresh_site / "_qwenvl_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return env_dir, env, tmp
+
+
+def test_wheel_holds_every_package(wheel_env):
+    env_dir, env, tmp = wheel_env
+    found = _run(
+        env_dir / "bin" / "python",
+        "-c",
+        "import pkgutil, qwenvl; print(qwenvl.__file__); "
+        "print('\\n'.join(m.name for m in pkgutil.walk_packages(qwenvl.__path__, 'qwenvl.') if m.ispkg))",
+        cwd=tmp,
+        env=env,
+    ).split()
+    assert Path(found[0]).is_relative_to(env_dir), f"qwenvl imported from {found[0]}, not the wheel"
+    in_checkout = {"qwenvl.reference", "qwenvl.fixtures"}
+    in_checkout |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qwenvl").rglob("__init__.py")}
+    in_checkout -= {"qwenvl"}
+    assert in_checkout <= set(found[1:]), f"missing from the wheel: {sorted(in_checkout - set(found[1:]))}"
+
+
+@pytest.mark.slow
+def test_wheel_runs_qwenvl_verify_outside_the_checkout(wheel_env):
+    env_dir, env, tmp = wheel_env
+    report = tmp / "report.json"
+    out = _run(env_dir / "bin" / "qwenvl", "verify", "--json", report, cwd=tmp, env=env)
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["cases"], out
+    assert {c["family"] for c in data["cases"]} >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
