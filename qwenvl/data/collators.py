@@ -1,0 +1,125 @@
+"""Collators: the samples of a batch as one packed row (``PackedCollator``) or as an ordinary padded batch
+(``PaddedCollator``, the same samples the way an unpatched model takes them, for comparison).
+
+A sample is a dict from ``SupervisedDataset``: ``input_ids (L,)``, ``labels (L,)``, ``position_ids (3, L)``
+(its own mrope rows, from the model's ``get_rope_index`` on it alone), optional ``mm_token_type_ids (L,)``,
+``pixel_values (P, D)``, ``image_grid_thw (n, 3)``, ``pixel_values_videos``, ``video_grid_thw``,
+``second_per_grid_ts (n,)``. A packed row from ``PackedDataset`` is a list of such samples.
+
+One packed row, upstream convention (three samples, T = 4 + 3 + 2)::
+
+    input_ids       a0 a1 a2 a3 | b0 b1 b2 | c0 c1                     (1, T)
+    attention_mask  [0, 4, 7, 9]                                       int32 cu_seqlens (S + 1,)
+    position_ids    a's rows    | b's rows | c's rows                  (3, 1, T)
+    labels          -100 .. .. .. | -100 .. .. | -100 ..               each sample's first label masked:
+                                                                       no token predicts across a boundary
+    pixel_values    a's patches, b's, c's (sample order); image_grid_thw likewise
+
+``convention="hf_positions"`` sends no mask and 4-row positions ``[text; t; h; w]`` whose text row restarts
+at 0 per sample (transformers' packed form).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from qwenvl.packing import lengths_to_cu_seqlens, mask_boundary_labels
+
+__all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS"]
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+CONVENTIONS = ("upstream", "hf_positions")
+IGNORE_INDEX = -100
+
+
+def _flatten(items: Sequence[Any]) -> list[dict]:
+    samples = []
+    for item in items:
+        if isinstance(item, dict):
+            samples.append(item)
+        elif isinstance(item, (list, tuple)) and all(isinstance(s, dict) for s in item):
+            samples.extend(item)
+        else:
+            raise TypeError(f"a collator takes samples (dicts) or packed rows (lists of dicts), got {type(item).__name__}")
+    if not samples:
+        raise ValueError("a batch needs at least one sample")
+    return samples
+
+
+def _vision(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Vision tensors concatenated in sample order (the order the tokens appear in)."""
+    out = {}
+    for key in VISION_KEYS:
+        present = [s[key] for s in samples if s.get(key) is not None]
+        if present:
+            out[key] = torch.cat(present)
+    return out
+
+
+class PackedCollator:
+    """All samples of a batch as one packed row ``(1, T)``; see the module docstring for the layout.
+
+    Args:
+        convention: ``"upstream"`` (cu_seqlens as ``attention_mask``, ``(3, 1, T)`` positions) or
+            ``"hf_positions"`` (no mask, ``(4, 1, T)`` positions with the text row restarting per sample).
+    """
+
+    def __init__(self, convention: str = "upstream") -> None:
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown packing convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+        self.convention = convention
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        samples = _flatten(items)
+        lengths = torch.tensor([s["input_ids"].numel() for s in samples])
+        cu_seqlens = lengths_to_cu_seqlens(lengths)
+        labels_T = mask_boundary_labels(torch.cat([s["labels"] for s in samples]), cu_seqlens, IGNORE_INDEX)
+        positions_3T = torch.cat([s["position_ids"] for s in samples], dim=-1)
+        batch = {
+            "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+            "labels": labels_T[None],
+            **_vision(samples),
+        }
+        if all("mm_token_type_ids" in s for s in samples):
+            batch["mm_token_type_ids"] = torch.cat([s["mm_token_type_ids"] for s in samples])[None]
+        if self.convention == "upstream":
+            batch["attention_mask"] = cu_seqlens
+            batch["position_ids"] = positions_3T[:, None, :]
+        else:
+            text_T = torch.cat([torch.arange(int(n)) for n in lengths]).to(positions_3T.dtype)
+            batch["position_ids"] = torch.cat([text_T[None], positions_3T])[:, None, :]
+        return batch
+
+
+class PaddedCollator:
+    """The same samples as an ordinary right-padded batch ``(B, L_max)`` with a 0/1 ``attention_mask``.
+
+    Padding gets ``pad_token_id``, label -100 and position 1 (masked keys: never attended, never scored).
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        samples = _flatten(items)
+        width = max(s["input_ids"].numel() for s in samples)
+        rows = len(samples)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        positions = torch.ones((3, rows, width), dtype=samples[0]["position_ids"].dtype)
+        types = torch.zeros((rows, width), dtype=torch.int32) if all("mm_token_type_ids" in s for s in samples) else None
+        for r, s in enumerate(samples):
+            n = s["input_ids"].numel()
+            input_ids[r, :n] = s["input_ids"]
+            labels[r, :n] = s["labels"]
+            mask[r, :n] = 1
+            positions[:, r, :n] = s["position_ids"]
+            if types is not None:
+                types[r, :n] = s["mm_token_type_ids"]
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions, **_vision(samples)}
+        if types is not None:
+            batch["mm_token_type_ids"] = types
+        return batch

@@ -1,0 +1,375 @@
+"""``SupervisedDataset``: rows of the Qwen-VL fine-tuning format, through the model's real processor.
+
+A data file is JSON (a list of rows) or JSONL (a row per line)::
+
+    {"image": "images/cat.png",                      # optional: a path or a list, relative to the file
+     "video": "clips/run.mp4",                       # optional, likewise
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Several files: ``"a.json,b.jsonl%50"``; ``%N`` keeps N percent of that file's rows (a seeded sample; N > 100
+repeats rows). Each ``<image>`` / ``<video>`` tag takes the row's next image / video, in order.
+
+The processor does everything model-specific: the chat template, image and video preprocessing,
+``mm_token_type_ids`` where the release emits them. Labels are -100 except the assistant replies (and the
+end-of-turn token that closes each), found between the template's own role markers::
+
+    <|im_start|>user\\n<|vision_start|><|image_pad|>..<|vision_end|>What is this?<|im_end|>\\n
+    <|im_start|>assistant\\n A  cat . <|im_end|> \\n
+    labels: -100 ...                                                       A  cat . <|im_end|> -100
+
+The markers are read off the template (the text its generation prompt adds, the token that ends a turn),
+never assumed, and a row whose text contains a special token is refused: it could forge a marker.
+
+Every row is checked when the dataset is built (in parallel threads): media files present and decodable,
+tag counts matching the media, a well-formed conversation with an assistant turn, the length within
+``model_max_length``. A bad row raises ``BadSampleError`` naming the file and the row, or with
+``skip_bad_samples=True`` is left out and counted in ``summary()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from qwenvl.positions import rope_index
+
+__all__ = ["SupervisedDataset", "BadSampleError", "RowRef", "read_rows", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+_TAG = re.compile(r"(<image>|<video>)")
+
+
+class BadSampleError(ValueError):
+    """A row that cannot become a training sample; the message names the file and the row."""
+
+    def __init__(self, ref: "RowRef", problem: str):
+        self.ref = ref
+        self.problem = problem
+        super().__init__(f"{ref}: {problem}")
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where a row came from: its data file and its index there (0-based)."""
+
+    file: Path
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.file} sample {self.index}"
+
+
+def _parse_spec(spec: str) -> tuple[Path, float]:
+    path, _, ratio = spec.strip().partition("%")
+    if ratio:
+        try:
+            percent = float(ratio)
+        except ValueError:
+            raise ValueError(f"data path {spec!r}: the sampling ratio after % must be a number, got {ratio!r}") from None
+        if not percent > 0 or not math.isfinite(percent):
+            raise ValueError(f"data path {spec!r}: the sampling ratio must be > 0 percent, got {ratio}")
+    return Path(path).expanduser(), float(ratio) / 100 if ratio else 1.0
+
+
+def _load_file(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def read_rows(data_path: str | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
+    """The rows of every data file, each with its ``RowRef``; ``%N`` sampling applied (seeded)."""
+    specs = data_path.split(",") if isinstance(data_path, str) else list(data_path)
+    out: list[tuple[RowRef, Any]] = []
+    for spec in specs:
+        path, ratio = _parse_spec(str(spec))
+        rows = [(RowRef(path, i), row) for i, row in enumerate(_load_file(path))]
+        if ratio != 1.0:
+            whole, part = divmod(ratio, 1.0)
+            rng = random.Random(f"{seed}:{path}")
+            rows = rows * int(whole) + rng.sample(rows, round(part * len(rows)))
+        out.extend(rows)
+    if not out:
+        raise ValueError(f"no rows in {data_path}")
+    return out
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class _Row:
+    ref: RowRef
+    messages: list[dict]
+    images: list[Path]
+    videos: list[Path]
+    n_replies: int
+
+
+def _check_row(ref: RowRef, row: Any) -> _Row:
+    """Structure, tags and media presence; raises ``BadSampleError``."""
+    if not isinstance(row, dict):
+        raise BadSampleError(ref, f"a row must be a JSON object, got {type(row).__name__}")
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSampleError(ref, "'conversations' is missing or empty")
+    base = ref.file.parent
+    media = {kind: [Path(p) if Path(p).is_absolute() else base / p for p in _as_list(row.get(kind))] for kind in ("image", "video")}
+    for kind, paths in media.items():
+        for p in paths:
+            if not isinstance(p, Path) or not p.is_file():
+                raise BadSampleError(ref, f"{kind} file {p} does not exist")
+    messages, counts, replies = [], Counter(), 0
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise BadSampleError(
+                ref, f"turn {t} must be {{'from': one of {sorted(_ROLES)}, 'value': a string}}, got {turn!r:.80}"
+            )
+        role = _ROLES[turn["from"]]
+        if role == "assistant":
+            replies += 1
+            if _TAG.search(turn["value"]):
+                raise BadSampleError(ref, f"turn {t}: an assistant reply cannot hold <image> or <video>")
+        content = []
+        for piece in _TAG.split(turn["value"]):
+            if piece == "<image>":
+                content.append({"type": "image"})
+                counts["image"] += 1
+            elif piece == "<video>":
+                content.append({"type": "video"})
+                counts["video"] += 1
+            elif piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": content})
+    if replies == 0:
+        raise BadSampleError(ref, "no assistant ('gpt') turn: nothing to train on")
+    for kind in ("image", "video"):
+        if counts[kind] != len(media[kind]):
+            raise BadSampleError(ref, f"{counts[kind]} <{kind}> tags but {len(media[kind])} {kind} files")
+    return _Row(ref, messages, media["image"], media["video"], replies)
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Qwen-VL fine-tuning rows as training samples (see the module docstring).
+
+    Args:
+        data_path: a data file, several comma-separated (``"a.json,b.jsonl%50"``), or a list of them.
+        processor: the model's transformers processor (``AutoProcessor.from_pretrained(model_dir)``).
+        model: the model whose ``get_rope_index`` gives each sample's mrope positions.
+        model_max_length: the most tokens a sample may have (vision tokens count). A longer one is cut at
+            the end if the cut falls in text after the last image or video (``truncate=True``); otherwise
+            it is bad data.
+        skip_bad_samples: leave bad rows out (counted in ``summary()``) instead of raising.
+        num_workers: threads for the eager check.
+        seed: for ``%N`` sampling.
+
+    Items are dicts of tensors: ``input_ids (L,)``, ``labels (L,)``, ``position_ids (3, L)``, and as the
+    row needs ``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``,
+    ``second_per_grid_ts``, ``mm_token_type_ids``.
+    """
+
+    def __init__(
+        self,
+        data_path: str | Sequence[str],
+        processor,
+        *,
+        model,
+        model_max_length: int,
+        truncate: bool = True,
+        skip_bad_samples: bool = False,
+        num_workers: int = 4,
+        seed: int = 0,
+    ) -> None:
+        if model_max_length <= 0:
+            raise ValueError(f"model_max_length must be positive, got {model_max_length}")
+        self.processor = processor
+        self.model = model
+        self.model_max_length = int(model_max_length)
+        self.truncate = truncate
+        self._start_ids, self._end_id = _role_markers(processor)
+        self._special = _special_strings(processor)
+        self.skipped: list[tuple[RowRef, str]] = []
+        self.truncated: list[RowRef] = []
+        rows = read_rows(data_path, seed=seed)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            results = list(pool.map(lambda item: self._admit(*item), rows))
+        self.rows: list[_Row] = []
+        self.lengths: list[int] = []
+        for (ref, _), result in zip(rows, results):
+            if isinstance(result, BadSampleError):
+                if not skip_bad_samples:
+                    raise result
+                self.skipped.append((ref, result.problem))
+            else:
+                row, length, truncated = result
+                self.rows.append(row)
+                self.lengths.append(length)
+                if truncated:
+                    self.truncated.append(ref)
+        if not self.rows:
+            raise ValueError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
+
+    def _admit(self, ref: RowRef, raw: Any):
+        try:
+            row = _check_row(ref, raw)
+            item, truncated = self._process(row)
+            return row, int(item["input_ids"].numel()), truncated
+        except BadSampleError as exc:
+            return exc
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self._process(self.rows[index])[0]
+
+    def summary(self) -> str:
+        text = f"{len(self.rows)} samples, {sum(self.lengths)} tokens"
+        if self.truncated:
+            text += f"; {len(self.truncated)} truncated to {self.model_max_length} tokens"
+        if self.skipped:
+            reasons = Counter(problem.split(":")[0] for _, problem in self.skipped)
+            text += f"; {len(self.skipped)} bad rows skipped (" + ", ".join(f"{n}x {r}" for r, n in reasons.items()) + ")"
+        return text
+
+    # -- one row -------------------------------------------------------------------------------------------
+
+    def _process(self, row: _Row) -> tuple[dict[str, torch.Tensor], bool]:
+        for message in row.messages:
+            for part in message["content"]:
+                if part["type"] == "text" and (hit := next((s for s in self._special if s in part["text"]), None)):
+                    raise BadSampleError(row.ref, f"the text contains the special token {hit!r}")
+        text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
+        images = [_open_image(row.ref, p) for p in row.images] or None
+        videos = [str(p) for p in row.videos] or None
+        try:
+            out = self.processor(text=[text], images=images, videos=videos, return_tensors="pt")
+        except Exception as exc:  # the processor's own message, with the row named
+            raise BadSampleError(row.ref, f"the processor failed: {type(exc).__name__}: {exc}") from exc
+        input_ids = out["input_ids"][0].long()
+        labels = self._labels(row, input_ids)
+        truncated = False
+        if input_ids.numel() > self.model_max_length:
+            input_ids, labels, truncated = self._cut(row, out, input_ids, labels)
+        item = {"input_ids": input_ids, "labels": labels}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            if out.get(key) is not None:
+                item[key] = torch.as_tensor(out[key])
+        if out.get("mm_token_type_ids") is not None:
+            item["mm_token_type_ids"] = out["mm_token_type_ids"][0, : input_ids.numel()].to(torch.int32)
+        item["position_ids"] = rope_index(
+            self.model,
+            input_ids[None],
+            image_grid_thw=item.get("image_grid_thw"),
+            video_grid_thw=item.get("video_grid_thw"),
+            second_per_grid_ts=item.get("second_per_grid_ts"),
+        )[:, 0]
+        return item, truncated
+
+    def _labels(self, row: _Row, input_ids: torch.Tensor) -> torch.Tensor:
+        """-100 but the assistant replies: from after each start marker through the turn's end token."""
+        ids = input_ids.tolist()
+        start, n = self._start_ids, len(self._start_ids)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        spans, i = 0, 0
+        while i + n <= len(ids):
+            if ids[i : i + n] == start:
+                begin = i + n
+                try:
+                    end = ids.index(self._end_id, begin)
+                except ValueError:
+                    raise BadSampleError(row.ref, "an assistant reply has no end-of-turn token") from None
+                labels[begin : end + 1] = input_ids[begin : end + 1]
+                spans += 1
+                i = end + 1
+            else:
+                i += 1
+        if spans != row.n_replies:
+            raise BadSampleError(row.ref, f"found {spans} assistant replies in the templated text, expected {row.n_replies}")
+        return labels
+
+    def _cut(self, row: _Row, out, input_ids: torch.Tensor, labels: torch.Tensor):
+        limit = self.model_max_length
+        if not self.truncate:
+            raise BadSampleError(row.ref, f"{input_ids.numel()} tokens, more than model_max_length {limit}")
+        vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            token = getattr(self.model.config, name, None)
+            if token is not None:
+                vision |= input_ids == token
+        last_vision = int(torch.nonzero(vision).max()) if vision.any() else -1
+        if last_vision >= limit:
+            raise BadSampleError(
+                row.ref,
+                f"{input_ids.numel()} tokens, more than model_max_length {limit}, and the cut would fall inside "
+                f"an image or video (vision tokens up to position {last_vision}); raise model_max_length",
+            )
+        labels = labels[:limit]
+        if not (labels != IGNORE_INDEX).any():
+            raise BadSampleError(row.ref, f"no assistant token left within model_max_length {limit}")
+        return input_ids[:limit], labels, True
+
+
+def _role_markers(processor) -> tuple[list[int], int]:
+    """The token ids that open an assistant reply, and the token that ends a turn, read off the template."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    reply = [*user, {"role": "assistant", "content": [{"type": "text", "text": "y"}]}]
+    bare = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
+    prompt = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = processor.apply_chat_template(reply, tokenize=False, add_generation_prompt=False)
+    if not prompt.startswith(bare) or not full.startswith(prompt + "y"):
+        raise ValueError("the processor's chat template does not render an assistant turn as generation prompt + reply")
+    start_ids = tokenizer(prompt[len(bare) :], add_special_tokens=False)["input_ids"]
+    end_ids = tokenizer(full[len(prompt) + 1 :], add_special_tokens=False)["input_ids"]
+    if not start_ids or not end_ids:
+        raise ValueError("the processor's chat template has no assistant start marker or end-of-turn token")
+    return list(start_ids), int(end_ids[0])
+
+
+def _special_strings(processor) -> tuple[str, ...]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = {t.content for t in added.values() if getattr(t, "special", False)}
+    names |= set(getattr(tokenizer, "all_special_tokens", []))
+    return tuple(sorted(n for n in names if n))
+
+
+def _open_image(ref: RowRef, path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadSampleError(ref, f"image file {path} cannot be read: {exc}") from None

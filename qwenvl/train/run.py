@@ -1,0 +1,208 @@
+"""``qwenvl train``: from a JSON file of conversations to a checkpoint, on packed batches.
+
+    qwenvl train --output_dir out                                   # tiny Qwen2.5-VL on the demo data, CPU
+    qwenvl train --model_name_or_path Qwen/... --data_path train.json --output_dir out --bf16 \\
+        --mm_projector_lr 1e-5 --vision_tower_lr 2e-6 --model_max_length 8192
+
+Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the three dataclasses below).
+The steps: load the processor and model, freeze by ``--tune_mm_*``, optionally wrap in LoRA, patch the
+model for packed batches (``qwenvl.patch``), check every data row (bad rows stop the run naming the file and
+row, or are skipped with ``--skip_bad_samples``), pack, train with ``QwenVLTrainer`` (per-component learning
+rates, trainable report), save the model and processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["ModelArguments", "DataArguments", "main", "run"]
+
+logger = logging.getLogger("qwenvl.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model directory (or hub id). Default: the tiny Qwen2.5-VL shipped in qwenvl.fixtures."},
+    )
+    tune_mm_vision: bool = field(default=False, metadata={"help": "Train the vision tower (not the projector)."})
+    tune_mm_mlp: bool = field(default=True, metadata={"help": "Train the projector ('*merger*')."})
+    tune_mm_llm: bool = field(default=True, metadata={"help": "Train the language model and lm_head."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    attention_backend: str = field(default="auto", metadata={"help": "qwenvl varlen backend: auto, sdpa, torch, flash_attn."})
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model (PEFT)."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Data file(s): 'a.json,b.jsonl%50' (%N samples N percent). Default: the demo data."},
+    )
+    model_max_length: int = field(default=4096, metadata={"help": "Most tokens per sample, vision tokens included."})
+    packing: bool = field(default=True, metadata={"help": "Pack samples into rows (--packing False: padded batches)."})
+    pack_budget: Optional[int] = field(default=None, metadata={"help": "Tokens per packed row. Default: model_max_length."})
+    packing_convention: str = field(default="upstream", metadata={"help": "upstream (cu_seqlens mask) or hf_positions."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
+    truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
+    data_check_workers: int = field(default=4, metadata={"help": "Threads for the eager data check."})
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _default_model_dir() -> str:
+    from qwenvl.fixtures import model_dir
+
+    return str(model_dir("qwen2_5_vl"))
+
+
+def _default_data_path() -> str:
+    from qwenvl.fixtures import demo_data_path
+
+    return str(demo_data_path())
+
+
+def _freeze(model, model_args: ModelArguments) -> None:
+    from qwenvl.train.optim import classify
+
+    wanted = {"vision": model_args.tune_mm_vision, "projector": model_args.tune_mm_mlp, "base": model_args.tune_mm_llm}
+    for name, param in model.named_parameters():
+        param.requires_grad_(wanted[classify(name)])
+
+
+def _lora(model, model_args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    from qwenvl.train.optim import classify
+
+    targets = sorted(
+        {
+            name
+            for name, module in model.named_modules()
+            if classify(name) == "base" and "language_model" in name and type(module).__name__ == "Linear"
+        }
+    )
+    if not targets:
+        raise ValueError("LoRA found no linear layer of the language model to adapt")
+    config = LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, target_modules=targets
+    )
+    wrapped = get_peft_model(model, config)
+    # PEFT freezes the base model; the vision components keep the --tune_mm_* choice.
+    for name, param in wrapped.named_parameters():
+        component = classify(name)
+        if component == "vision" and model_args.tune_mm_vision or component == "projector" and model_args.tune_mm_mlp:
+            param.requires_grad_(True)
+    return wrapped
+
+
+def _check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
+    from qwenvl.attention import BACKENDS
+    from qwenvl.data import CONVENTIONS
+
+    if model_args.dtype not in _DTYPES:
+        raise SystemExit(f"qwenvl train: --dtype {model_args.dtype!r} is not one of {', '.join(_DTYPES)}")
+    if model_args.attention_backend not in ("auto", *BACKENDS):
+        raise SystemExit(
+            f"qwenvl train: --attention_backend {model_args.attention_backend!r} is not one of auto, {', '.join(BACKENDS)}"
+        )
+    if data_args.packing_convention not in CONVENTIONS:
+        raise SystemExit(
+            f"qwenvl train: --packing_convention {data_args.packing_convention!r} is not one of {', '.join(CONVENTIONS)}"
+        )
+    if data_args.pack_budget is not None and data_args.pack_budget < data_args.model_max_length:
+        raise SystemExit(
+            f"qwenvl train: --pack_budget {data_args.pack_budget} is below --model_max_length "
+            f"{data_args.model_max_length}: a sample of maximal length would not fit a row"
+        )
+    if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm or model_args.lora_enable):
+        raise SystemExit("qwenvl train: nothing to train: every --tune_mm_* is False and --lora_enable is off")
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+    """Train and save; returns the Trainer's train metrics plus the data summary."""
+    import torch
+    import transformers
+    from transformers import AutoProcessor
+
+    import qwenvl
+    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset
+    from qwenvl.train.trainer import QwenVLTrainer
+
+    _check_args(model_args, data_args)
+    model_path = model_args.model_name_or_path or _default_model_dir()
+    data_path = data_args.data_path or _default_data_path()
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
+    _freeze(model, model_args)
+    if model_args.lora_enable:
+        model = _lora(model, model_args)
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    # Our collators build exactly the model's inputs; the Trainer's column filter would only get in the way.
+    training_args.remove_unused_columns = False
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dataset = SupervisedDataset(
+        data_path,
+        processor,
+        model=base,
+        model_max_length=data_args.model_max_length,
+        truncate=data_args.truncate,
+        skip_bad_samples=data_args.skip_bad_samples,
+        num_workers=data_args.data_check_workers,
+        seed=training_args.seed,
+    )
+    summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
+    logger.warning("qwenvl train: data: %s", summary["data"])
+    if data_args.packing:
+        if training_args.per_device_train_batch_size != 1:
+            raise SystemExit(
+                "qwenvl train: with packing a batch is one packed row: use --per_device_train_batch_size 1 and "
+                "--pack_budget for the tokens per row (or --packing False for padded batches)"
+            )
+        train_dataset = PackedDataset(dataset, data_args.pack_budget or data_args.model_max_length, seed=training_args.seed)
+        collator = PackedCollator(data_args.packing_convention)
+        summary["packing"] = train_dataset.packing.summary()
+        summary["fill_ratio"] = train_dataset.packing.fill_ratio
+        logger.warning("qwenvl train: packing: %s", summary["packing"])
+    else:
+        train_dataset = dataset
+        pad = processor.tokenizer.pad_token_id
+        collator = PaddedCollator(pad if pad is not None else 0)
+
+    with qwenvl.patch(model, backend=model_args.attention_backend):
+        trainer = QwenVLTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    return {**result.metrics, **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    from qwenvl.train.argument import TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="qwenvl train")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) and "-h" not in argv and "--help" not in argv:
+        parser.error("the following arguments are required: --output_dir")
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    metrics = run(model_args, data_args, training_args)
+    print(f"qwenvl train: done; model and processor saved to {Path(training_args.output_dir).resolve()}")
+    for key in ("data", "packing"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]}")
+    return 0
