@@ -1,35 +1,158 @@
-"""``qwenvl`` command line. ``qwenvl verify`` proves the patches on the installed transformers release."""
+"""``qwenvl`` command line. ``qwenvl verify`` proves the patches on the installed transformers release.
+
+Every option of ``qwenvl verify`` is checked before the first case runs: a bad value is one line naming it
+and the valid choices, exit status 2. What the default run leaves out on this machine (a backend that
+cannot run on a device, a device that is absent) is printed with the reason before the cases start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 
 __all__ = ["main"]
 
 CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
+DEVICES = ("cpu", "cuda")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
+
+DESCRIPTION = (
+    "qwenvl: packed-sequence (varlen) training for Qwen-VL models. "
+    "'qwenvl verify' proves the patched models equal the unpatched ones on the installed transformers release."
+)
 
 
-def _cases(args):
+@dataclass
+class Plan:
+    """The validated run: the cases, in order, and what the defaults left out on this machine, with why."""
+
+    cases: list[tuple[str, str, str, str, str]]  # (family, backend, device, dtype name, convention)
+    skipped: list[dict] = field(default_factory=list)  # {"backend"?, "device", "reason"}
+
+
+def _supported_combos() -> dict[str, list[str]]:
+    from qwenvl.tolerances import TOLERANCES
+
+    combos: dict[str, list[str]] = {}
+    for device, dtype in TOLERANCES:
+        combos.setdefault(device, []).append(str(dtype).removeprefix("torch."))
+    return combos
+
+
+def _no_cuda_reason() -> str:
     import torch
 
-    from qwenvl.attention import available_backends
-    from qwenvl.fixtures import FAMILY_NAMES
+    return f"torch {torch.__version__} sees no CUDA device"
 
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+
+def _plan(parser: argparse.ArgumentParser, args) -> Plan:
+    """Check every option against this machine and turn them into the list of cases; ``parser.error`` on the
+    first bad one."""
+    import torch
+
+    from qwenvl.attention import available_backends, unavailable_reason
+    from qwenvl.families import FAMILIES
+
+    _check_json_path(parser, args.json)
+    skipped = []
+
+    if args.device:
+        devices = list(dict.fromkeys(args.device))
+        if "cuda" in devices and not torch.cuda.is_available():
+            parser.error(f"argument --device: cuda was asked for but {_no_cuda_reason()}; choose from: cpu")
+    else:
+        devices = ["cpu"]
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        else:
+            skipped.append({"device": "cuda", "reason": _no_cuda_reason()})
+
+    # With the default devices, an option that only one of them refuses is fixed by naming the devices.
+    hint = "; pass --device to choose the devices" if not args.device and len(devices) > 1 else ""
+    combos = _supported_combos()
+    dtypes = {device: [DEFAULT_DTYPES[device]] for device in devices}
+    if args.dtype:
+        asked = list(dict.fromkeys(DTYPE_ALIASES.get(name, name) for name in args.dtype))
+        for device in devices:
+            for dtype in asked:
+                if dtype not in combos.get(device, []):
+                    supported = "; ".join(f"{d}: {', '.join(names)}" for d, names in combos.items())
+                    parser.error(
+                        f"argument --dtype: {dtype} on {device} has no tolerance entry (qwenvl.tolerances); "
+                        f"supported: {supported}{hint}"
+                    )
+            dtypes[device] = asked
+
+    backends = {}
     for device in devices:
-        dtypes = [torch.bfloat16] if torch.device(device).type == "cuda" else [torch.float32]
-        if args.dtype:
-            dtypes = [getattr(torch, name) for name in args.dtype]
-        backends = args.backend or available_backends(device)
-        for family in args.family or FAMILY_NAMES:
-            for backend in backends:
-                for dtype in dtypes:
-                    for convention in args.convention or CONVENTIONS:
-                        yield family, backend, device, dtype, convention
+        if args.backend:
+            backends[device] = list(dict.fromkeys(args.backend))
+            for name in backends[device]:
+                why = None if name == "auto" else unavailable_reason(name, device)
+                if why is not None:
+                    parser.error(
+                        f"argument --backend: {name} is not available on {device} ({why}); "
+                        f"available on {device}: {', '.join(['auto', *available_backends(device)])}{hint}"
+                    )
+        else:
+            backends[device] = available_backends(device)
+            for name in _all_backends():
+                why = unavailable_reason(name, device)
+                if why is not None:
+                    skipped.append({"backend": name, "device": device, "reason": why})
+
+    families = list(dict.fromkeys(args.family or FAMILIES))
+    conventions = list(dict.fromkeys(args.convention or CONVENTIONS))
+    cases = [
+        (family, backend, device, dtype, convention)
+        for device in devices
+        for family in families
+        for backend in backends[device]
+        for dtype in dtypes[device]
+        for convention in conventions
+    ]
+    return Plan(cases=cases, skipped=skipped)
+
+
+def _all_backends() -> list[str]:
+    from qwenvl.attention import BACKENDS
+
+    return list(BACKENDS)
+
+
+def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"argument --json: {path} is a directory; give a file path")
+    if not os.path.isdir(directory):
+        parser.error(f"argument --json: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"argument --json: cannot write {path} (permission denied)")
+
+
+def _skip_line(skipped: list[dict]) -> str:
+    parts = []
+    for entry in skipped:
+        if "backend" in entry:
+            parts.append(f"{entry['backend']} on {entry['device']} ({entry['reason']})")
+        else:
+            parts.append(f"device {entry['device']} ({entry['reason']})")
+    return "skipped: " + ", ".join(parts)
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2e}"
 
 
 def _format_table(rows) -> str:
@@ -41,10 +164,10 @@ def _format_table(rows) -> str:
             r["device"],
             r["dtype"],
             r["convention"],
-            f"{r['logits_err']:.2e}",
-            f"{r['logits_bound']:.2e}",
-            f"{r['grad_err']:.2e}",
-            f"{r['grad_bound']:.2e}",
+            _fmt(r["logits_err"]),
+            _fmt(r["logits_bound"]),
+            _fmt(r["grad_err"]),
+            _fmt(r["grad_bound"]),
             "PASS" if r["passed"] else "FAIL",
         )
         for r in rows
@@ -55,31 +178,42 @@ def _format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def verify(args) -> int:
+def verify(parser: argparse.ArgumentParser, args) -> int:
+    plan = _plan(parser, args)
+
     import torch
     import transformers
 
-    from qwenvl.patches._versions import check_transformers_version
+    from qwenvl.patches._versions import UnsupportedTransformersVersion, check_transformers_version
     from qwenvl.verify.parity import run_case
 
-    check_transformers_version()
-    cases = list(_cases(args))
+    try:
+        check_transformers_version()
+    except UnsupportedTransformersVersion as exc:
+        print(f"qwenvl verify: error: {exc}", file=sys.stderr)
+        return 2
+
+    cases = plan.cases
     print(f"qwenvl verify: transformers {transformers.__version__}, torch {torch.__version__}, {len(cases)} cases")
+    if plan.skipped:
+        print(_skip_line(plan.skipped))
     rows = []
-    for i, (family, backend, device, dtype, convention) in enumerate(cases, 1):
+    for i, (family, backend, device, dtype_name, convention) in enumerate(cases, 1):
         start = time.perf_counter()
+        dtype = getattr(torch, dtype_name)
         try:
             row = run_case(family, backend=backend, device=device, dtype=dtype, convention=convention).as_dict()
         except Exception as exc:  # a crash is a failed case, reported, not a traceback that hides the table
             row = {
-                "family": family, "backend": backend, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                "convention": convention, "logits_err": float("nan"), "logits_bound": float("nan"),
-                "grad_err": float("nan"), "grad_bound": float("nan"), "passed": False,
+                "family": family, "backend": backend, "device": device, "dtype": dtype_name,
+                "convention": convention, "logits_err": None, "logits_bound": None,
+                "grad_err": None, "grad_bound": None, "passed": False,
                 "error": f"{type(exc).__name__}: {exc}",
             }
+        row = {key: _finite_or_none(value) for key, value in row.items()}
         rows.append(row)
         status = "PASS" if row["passed"] else "FAIL"
-        detail = row.get("error") or f"logits {row['logits_err']:.1e}, grads {row['grad_err']:.1e}"
+        detail = row.get("error") or f"logits {_fmt(row['logits_err'])}, grads {_fmt(row['grad_err'])}"
         print(
             f"[{i}/{len(cases)}] {family} {backend} {device} {row['dtype']} {convention}: {status} ({detail}) "
             f"{time.perf_counter() - start:.1f}s",
@@ -92,29 +226,78 @@ def verify(args) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "skipped": plan.skipped,
         "cases": rows,
         "passed": all(r["passed"] for r in rows),
     }
     with open(args.json, "w") as fh:
-        json.dump(report, fh, indent=2)
+        json.dump(report, fh, indent=2, allow_nan=False)
     failed = sum(not r["passed"] for r in rows)
     print(f"\n{len(rows) - failed} passed, {failed} failed; report written to {args.json}")
+    if plan.skipped:
+        print(_skip_line(plan.skipped))
     return 1 if failed or not rows else 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    from qwenvl.families import FAMILIES
+
+    combos = _supported_combos()
+    dtype_names = list(dict.fromkeys(name for names in combos.values() for name in names))
+    aliases = [alias for alias, name in DTYPE_ALIASES.items() if name in dtype_names]
+    backends = ["auto", *_all_backends()]
+
+    parser = argparse.ArgumentParser(prog="qwenvl", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{verify}")
+    p = sub.add_parser(
+        "verify",
+        help="prove the patched models equal the unpatched ones on this transformers release",
+        description=(
+            "Run each case (family x backend x device x dtype x convention) on a tiny random model, print a "
+            "table, write a JSON report; exit 1 if any case fails, 2 on a bad option."
+        ),
+    )
+    p.add_argument(
+        "--family", action="append", choices=list(FAMILIES), metavar="FAMILY",
+        help=f"model family, repeatable; one of: {', '.join(FAMILIES)} (default: all)",
+    )
+    p.add_argument(
+        "--backend", action="append", choices=backends, metavar="BACKEND",
+        help=(
+            f"varlen attention backend, repeatable; one of: {', '.join(backends)} (default: every backend "
+            "available on each device; the run says which it skipped and why)"
+        ),
+    )
+    p.add_argument(
+        "--device", action="append", choices=DEVICES, metavar="DEVICE",
+        help=f"repeatable; one of: {', '.join(DEVICES)} (default: cpu, and cuda if present)",
+    )
+    p.add_argument(
+        "--dtype", action="append", choices=[*dtype_names, *aliases], metavar="DTYPE",
+        help=(
+            f"repeatable; one of: {', '.join(dtype_names)} (or {', '.join(aliases)}); each device must have a "
+            "tolerance for it: "
+            + "; ".join(f"{d}: {', '.join(names)}" for d, names in combos.items())
+            + " (default: float32 on cpu, bfloat16 on cuda)"
+        ),
+    )
+    p.add_argument(
+        "--convention", action="append", choices=CONVENTIONS, metavar="CONVENTION",
+        help=f"packing convention, repeatable; one of: {', '.join(CONVENTIONS)} (default: all)",
+    )
+    p.add_argument(
+        "--json", default="qwenvl-verify.json", metavar="PATH",
+        help="where to write the JSON report (default: %(default)s); its directory must exist and be writable",
+    )
+    p.set_defaults(parser=p)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenvl", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("verify", help="prove the patched models equal the unpatched ones on this transformers release")
-    p.add_argument("--family", action="append", help="family to check (repeatable; default: all four)")
-    p.add_argument("--backend", action="append", help="varlen backend (repeatable; default: all available here)")
-    p.add_argument("--device", action="append", help="cpu / cuda (repeatable; default: cpu, and cuda if present)")
-    p.add_argument("--dtype", action="append", help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--convention", action="append", choices=CONVENTIONS, help="packing convention (default: all)")
-    p.add_argument("--json", default="qwenvl-verify.json", help="where to write the JSON report")
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "verify":
-        return verify(args)
+        return verify(args.parser, args)
     return 2
 
 

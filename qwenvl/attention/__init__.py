@@ -12,7 +12,8 @@ specification::
     b0                                       1                  1
     b1                                       1 1                1 1
 
-Options a backend cannot honour raise ``UnsupportedAttentionOption``; none is silently dropped.
+Options a backend cannot honour raise ``UnsupportedAttentionOption``; none is silently dropped. The backend
+is resolved (and its device and options checked) before it is called: see ``_registry``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import math
 import torch
 
 from ..packing import VarlenMeta
-from ._registry import BACKENDS, UnsupportedAttentionOption, available_backends, resolve_backend
+from ._common import UnsupportedAttentionOption
+from ._registry import BACKENDS, available_backends, resolve_backend, unavailable_reason
 
 __all__ = [
     "varlen_attention",
     "available_backends",
+    "unavailable_reason",
     "resolve_backend",
     "UnsupportedAttentionOption",
     "BACKENDS",
@@ -76,7 +79,7 @@ def varlen_attention(
     )
     if scale is None:
         scale = 1.0 / math.sqrt(q_TNH.shape[-1])
-    return BACKENDS[name](
+    return BACKENDS[name].attention(
         q_TNH,
         k_TKH,
         v_TKH,

@@ -2,7 +2,8 @@
 
 Legend: T = packed tokens, N = query heads, K = kv heads, H = head dim.
 
-Imported lazily: neither ``flash_attn`` nor ``flash_attn_interface`` is loaded until this backend is used.
+flash-attn is an optional third-party package: ``_varlen_func`` is the one place that imports it, on first
+use, so neither ``flash_attn`` nor ``flash_attn_interface`` is loaded until this backend is asked about.
 FA3 (``flash_attn_interface``, Hopper) has no dropout, so FA2 runs whenever ``dropout_p > 0``. Both take
 GQA natively, softcap, and flash-attention's window convention, which is also ours.
 """
@@ -14,17 +15,11 @@ import importlib
 
 import torch
 
-from ._registry import (
-    UnsupportedAttentionOption,
-    effective_window,
-    flash_kernel_refusal,
-    half_precision_inputs,
-)
+from ._common import effective_window, flash_kernel_refusal, half_precision_inputs
 
 NAME = "flash_attn"
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)
 def _varlen_func(version: int):
     """``flash_attn_varlen_func`` of FA2 (``version=2``) or FA3 (``version=3``), or ``None`` if absent.
@@ -39,28 +34,26 @@ def _varlen_func(version: int):
         return None
 
 
-def is_available(device: torch.device) -> bool:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return _varlen_func(2) is not None or _varlen_func(3) is not None
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "flash-attn needs CUDA"
+    if not torch.cuda.is_available():
+        return f"CUDA is not available to torch {torch.__version__}"
+    if _varlen_func(2) is None and _varlen_func(3) is None:
+        return "flash-attn not installed or not importable"
+    return None
 
 
 def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str | None:
     if dropout_p and _varlen_func(2) is None:
-        return f"dropout_p={dropout_p} (only FA3 is installed)"
+        return f"dropout_p={dropout_p} (FA3 has no dropout and FA2 is not installed)"
     return flash_kernel_refusal(dtype, head_dim)
 
 
 def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):
-    fa3, fa2 = _varlen_func(3), _varlen_func(2)
-    if fa3 is None and fa2 is None:
-        raise UnsupportedAttentionOption(NAME, "this environment", "flash-attn is not importable")
-    if dropout_p and fa2 is None:
-        raise UnsupportedAttentionOption(NAME, f"dropout_p={dropout_p}", "FA3 has no dropout and FA2 is absent")
-    if q_TNH.device.type != "cuda":
-        raise UnsupportedAttentionOption(NAME, f"device={q_TNH.device}", "flash-attn runs on CUDA only")
     if meta.total == 0:
         return torch.zeros_like(q_TNH)
+    fa3, fa2 = _varlen_func(3), _varlen_func(2)
     out_dtype, (q_TNH, k_TKH, v_TKH) = half_precision_inputs(NAME, compute_dtype, q_TNH, k_TKH, v_TKH)
     window_size = effective_window(causal, window)
     common = dict(softmax_scale=scale, causal=causal, window_size=window_size, softcap=softcap)

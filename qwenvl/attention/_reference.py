@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import UnsupportedAttentionOption
+from qwenvl.reference import attention_ref, mask_from_cu_seqlens
 
 NAME = "reference"
 
 
-def is_available(device: torch.device) -> bool:
-    return True
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
 
 
 def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str | None:
-    return f"dropout_p={dropout_p}" if dropout_p else None
+    return f"dropout_p={dropout_p} (the reference draws no dropout mask)" if dropout_p else None
 
 
 def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):
-    from qwenvl.reference import attention_ref, mask_from_cu_seqlens
-
-    if dropout_p:
-        raise UnsupportedAttentionOption(NAME, f"dropout_p={dropout_p}", "the reference draws no dropout mask")
     mask_TT = mask_from_cu_seqlens(meta.cu_seqlens, causal=causal, window=window)
     out_TNH = attention_ref(
         q_TNH.double(), k_TKH.double(), v_TKH.double(), mask_TT, scale=scale, softcap=softcap or 0.0

@@ -17,18 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._registry import UnsupportedAttentionOption, effective_window
+from ._common import effective_window
 
 NAME = "sdpa"
 
 
-def is_available(device: torch.device) -> bool:
-    return True
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
 
 
 def unsupported(*, device, dtype, head_dim, dropout_p, window, softcap) -> str | None:
     if softcap:
-        return f"softcap={softcap}"
+        return f"softcap={softcap} (scaled_dot_product_attention has no softcap)"
     return None
 
 
@@ -45,8 +45,6 @@ def _window_mask_LL(length: int, left: int, right: int, device: torch.device) ->
 
 
 def attention(q_TNH, k_TKH, v_TKH, meta, *, causal, scale, dropout_p, window, softcap, compute_dtype):
-    if softcap:
-        raise UnsupportedAttentionOption(NAME, f"softcap={softcap}", "scaled_dot_product_attention has no softcap")
     left, right = effective_window(causal, window)
     use_is_causal = causal and left < 0
     needs_mask = not use_is_causal and (left >= 0 or right >= 0)
