@@ -1,0 +1,79 @@
+"""Loading a model's real transformers processor, with videos refused clearly where they cannot work.
+
+transformers' Qwen-VL video processors need torchvision, and ``AutoProcessor`` fails outright without it,
+images included. PyPI has no torchvision that imports beside the CPU torch wheels CI uses, so without it
+the processor is assembled from the model directory's own image processor, tokenizer and chat template,
+and a video processor that refuses, naming the missing package. Images and text then go through exactly
+the classes ``AutoProcessor`` would pick; a row with a video is bad data there (named, or skipped).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+__all__ = ["load_processor", "VideosUnavailable"]
+
+logger = logging.getLogger(__name__)
+
+
+class VideosUnavailable(RuntimeError):
+    pass
+
+
+def load_processor(model_dir: str | Path):
+    """``AutoProcessor.from_pretrained(model_dir)``; without torchvision, the same processor minus videos."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(model_dir)
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except (ImportError, ValueError) as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    processor_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+
+    class NoVideoProcessor(BaseVideoProcessor):
+        merge_size = getattr(image_processor, "merge_size", 2)
+        temporal_patch_size = getattr(image_processor, "temporal_patch_size", 2)
+        patch_size = getattr(image_processor, "patch_size", None)
+
+        def __call__(self, *args, **kwargs):
+            raise VideosUnavailable(
+                "videos need transformers' video processor, which needs torchvision (not installed here): "
+                "install the torchvision release that matches your torch"
+            )
+
+        preprocess = __call__
+
+    class ImagesOnlyProcessor(processor_cls):
+        """The model's own processor class; only the type check of the refusing video processor is relaxed
+        (transformers' check looks the class up in mappings that are placeholders without torchvision)."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if isinstance(argument, NoVideoProcessor):
+                return NoVideoProcessor
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImagesOnlyProcessor.__name__ = processor_cls.__name__
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    processor = ImagesOnlyProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=NoVideoProcessor(),
+        chat_template=getattr(tokenizer, "chat_template", None) or _chat_template(model_dir),
+    )
+    logger.warning("qwenvl: torchvision is not installed: %s loaded for images and text only", processor_cls.__name__)
+    return processor
+
+
+def _chat_template(model_dir) -> str | None:
+    path = Path(model_dir) / "chat_template.jinja"
+    return path.read_text() if path.is_file() else None
