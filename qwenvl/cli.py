@@ -1,4 +1,5 @@
-"""``qwenvl`` command line. ``qwenvl verify`` proves the patches on the installed transformers release.
+"""``qwenvl`` command line. ``qwenvl verify`` proves the patches on the installed transformers release;
+``qwenvl train`` fine-tunes on packed batches (``qwenvl.train.run``).
 
 Every option of ``qwenvl verify`` is checked before the first case runs: a bad value is one line naming it
 and the valid choices, exit status 2. What the default run leaves out on this machine (a backend that
@@ -248,7 +249,13 @@ def _parser() -> argparse.ArgumentParser:
     backends = ["auto", *_all_backends()]
 
     parser = argparse.ArgumentParser(prog="qwenvl", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{verify}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{verify,train}")
+    sub.add_parser(
+        "train",
+        help="fine-tune on packed batches: qwenvl train --output_dir out (every TrainingArguments flag; "
+        "qwenvl train --help)",
+        add_help=False,
+    )
     p = sub.add_parser(
         "verify",
         help="prove the patched models equal the unpatched ones on this transformers release",
@@ -294,6 +301,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # HfArgumentParser owns every flag of `qwenvl train` (all of transformers' TrainingArguments).
+        from qwenvl.train.run import main as train_main
+
+        return train_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "verify":

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
+from qwenvl.data.processor import VideosUnavailable
 from qwenvl.positions import rope_index
 
 __all__ = ["SupervisedDataset", "BadSampleError", "RowRef", "read_rows", "IGNORE_INDEX"]
@@ -274,6 +275,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         videos = [str(p) for p in row.videos] or None
         try:
             out = self.processor(text=[text], images=images, videos=videos, return_tensors="pt")
+        except VideosUnavailable as exc:
+            raise BadSampleError(row.ref, f"videos need torchvision: {exc}") from None
         except Exception as exc:  # the processor's own message, with the row named
             raise BadSampleError(row.ref, f"the processor failed: {type(exc).__name__}: {exc}") from exc
         input_ids = out["input_ids"][0].long()

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-__all__ = ["load_processor", "VideosUnavailable"]
+__all__ = ["load_processor", "videos_available", "VideosUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ def load_processor(model_dir: str | Path):
 
         def __call__(self, *args, **kwargs):
             raise VideosUnavailable(
-                "videos need transformers' video processor, which needs torchvision (not installed here): "
-                "install the torchvision release that matches your torch"
+                "transformers' video processors need it and it is not installed here; install the torchvision "
+                "release that matches your torch"
             )
 
         preprocess = __call__
+
+    _REFUSING.append(NoVideoProcessor)
 
     class ImagesOnlyProcessor(processor_cls):
         """The model's own processor class; only the type check of the refusing video processor is relaxed
@@ -77,3 +79,15 @@ def load_processor(model_dir: str | Path):
 def _chat_template(model_dir) -> str | None:
     path = Path(model_dir) / "chat_template.jinja"
     return path.read_text() if path.is_file() else None
+
+
+def videos_available(processor) -> bool:
+    """Whether ``processor`` can process videos (False for the images-only processor built above)."""
+    return not isinstance(getattr(processor, "video_processor", None), _refusing_types())
+
+
+def _refusing_types() -> tuple[type, ...]:
+    return tuple(_REFUSING)
+
+
+_REFUSING: list[type] = []

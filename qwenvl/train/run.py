@@ -4,7 +4,9 @@
     qwenvl train --model_name_or_path Qwen/... --data_path train.json --output_dir out --bf16 \\
         --mm_projector_lr 1e-5 --vision_tower_lr 2e-6 --model_max_length 8192
 
-Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the three dataclasses below).
+Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the three dataclasses below);
+three defaults differ from transformers': ``--per_device_train_batch_size 1`` (a packed batch is one row),
+``--logging_steps 1``, ``--report_to none``.
 The steps: load the processor and model, freeze by ``--tune_mm_*``, optionally wrap in LoRA, patch the
 model for packed batches (``qwenvl.patch``), check every data row (bad rows stop the run naming the file and
 row, or are skipped with ``--skip_bad_samples``), pack, train with ``QwenVLTrainer`` (per-component learning
@@ -57,16 +59,17 @@ class DataArguments:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_DEFAULT_FLAGS = (("--per_device_train_batch_size", "1"), ("--logging_steps", "1"), ("--report_to", "none"))
 
 
 def _default_model_dir() -> str:
-    from qwenvl.fixtures import model_dir
+    from qwenvl.fixtures.embedded import model_dir
 
     return str(model_dir("qwen2_5_vl"))
 
 
 def _default_data_path() -> str:
-    from qwenvl.fixtures import demo_data_path
+    from qwenvl.fixtures.embedded import demo_data_path
 
     return str(demo_data_path())
 
@@ -132,16 +135,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     """Train and save; returns the Trainer's train metrics plus the data summary."""
     import torch
     import transformers
-    from transformers import AutoProcessor
-
     import qwenvl
     from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset
+    from qwenvl.data.processor import load_processor, videos_available
     from qwenvl.train.trainer import QwenVLTrainer
 
     _check_args(model_args, data_args)
     model_path = model_args.model_name_or_path or _default_model_dir()
     data_path = data_args.data_path or _default_data_path()
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
     _freeze(model, model_args)
     if model_args.lora_enable:
@@ -152,13 +154,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     training_args.remove_unused_columns = False
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    skip_bad = data_args.skip_bad_samples
+    if data_args.data_path is None and not videos_available(processor):
+        logger.warning("qwenvl train: torchvision is not installed: the demo's video rows are skipped")
+        skip_bad = True
     dataset = SupervisedDataset(
         data_path,
         processor,
         model=base,
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncate,
-        skip_bad_samples=data_args.skip_bad_samples,
+        skip_bad_samples=skip_bad,
         num_workers=data_args.data_check_workers,
         seed=training_args.seed,
     )
@@ -198,9 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) and "-h" not in argv and "--help" not in argv:
         parser.error("the following arguments are required: --output_dir")
+    # Defaults that differ from transformers': a packed batch is one row; log every step; no trackers.
+    for flag, value in _DEFAULT_FLAGS:
+        if flag not in argv and not any(a.startswith(flag + "=") for a in argv):
+            argv = [*argv, flag, value]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    metrics = run(model_args, data_args, training_args)
+    from qwenvl.data import BadSampleError
+
+    try:
+        metrics = run(model_args, data_args, training_args)
+    except (BadSampleError, FileNotFoundError) as exc:
+        print(f"qwenvl train: error: {exc}", file=sys.stderr)
+        if isinstance(exc, BadSampleError):
+            print("qwenvl train: fix the row, or pass --skip_bad_samples to leave bad rows out", file=sys.stderr)
+        return 2
     print(f"qwenvl train: done; model and processor saved to {Path(training_args.output_dir).resolve()}")
     for key in ("data", "packing"):
         if key in metrics:

@@ -1,0 +1,101 @@
+"""``qwenvl train`` end to end on the embedded default (tiny Qwen2.5-VL, demo data, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("accelerate", reason="the Trainer needs the 'train' extra (accelerate)")
+
+from qwenvl.cli import main as qwenvl_main  # noqa: E402
+from qwenvl.data.processor import load_processor  # noqa: E402
+from qwenvl.fixtures.embedded import demo_data_path, model_dir  # noqa: E402
+
+FAST = ["--model_max_length", "256", "--learning_rate", "3e-3", "--seed", "0", "--disable_tqdm", "True"]
+
+
+def _train(tmp_path, name, *args) -> tuple[int, dict]:
+    out = tmp_path / name
+    code = qwenvl_main(["train", "--output_dir", str(out), *FAST, *args])
+    state = out / "trainer_state.json"
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not state.exists() and checkpoints:
+        state = checkpoints[-1] / "trainer_state.json"
+    return code, (json.loads(state.read_text()) if state.exists() else {})
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_default_run_trains_and_leaves_a_checkpoint_that_reloads(tmp_path):
+    code, state = _train(tmp_path, "out", "--max_steps", "8")
+    assert code == 0
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) < sum(losses[:2]), f"loss did not decrease: {losses}"
+    trained, initial = _weights(tmp_path / "out"), _weights(model_dir("qwen2_5_vl"))
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained), "nothing was trained"
+    processor = load_processor(tmp_path / "out")
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == load_processor(model_dir("qwen2_5_vl")).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+@pytest.mark.slow
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    assert _train(tmp_path, "whole", *common)[0] == 0
+    # the interrupted run: the same run picked up from its step-2 checkpoint, in a folder of its own
+    assert _train(tmp_path, "resumed", *common, "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))[0] == 0
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only(tmp_path):
+    from peft import PeftModel
+
+    code, state = _train(tmp_path, "lora", "--max_steps", "2", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8")
+    assert code == 0 and len([e for e in state["log_history"] if "loss" in e]) == 2
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    base = transformers.AutoModelForImageTextToText.from_pretrained(model_dir("qwen2_5_vl"))
+    model = PeftModel.from_pretrained(base, tmp_path / "lora")
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
+    rows = json.loads(demo_data_path().read_text())
+    rows = [r for r in rows if "video" not in r][:5]
+    for r in rows:
+        for key in ("image",):
+            if key in r:
+                r[key] = str(demo_data_path().parent / r[key]) if isinstance(r[key], str) else [str(demo_data_path().parent / p) for p in r[key]]
+    rows[3]["conversations"] = rows[3]["conversations"][:1]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(rows))
+    code = qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--data_path", str(data), "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data} sample 3: no assistant" in err and "--skip_bad_samples" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--packing_convention", "hf_kwargs"], "--packing_convention 'hf_kwargs' is not one of upstream, hf_positions"),
+        (["--dtype", "fp8"], "--dtype 'fp8' is not one of float32, bfloat16, float16"),
+        (["--attention_backend", "nope"], "--attention_backend 'nope' is not one of auto, "),
+        (["--pack_budget", "100", "--model_max_length", "200"], "--pack_budget 100 is below --model_max_length 200"),
+        (["--tune_mm_llm", "False", "--tune_mm_mlp", "False"], "nothing to train"),
+    ],
+)
+def test_bad_options_are_refused_up_front(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), *args])
