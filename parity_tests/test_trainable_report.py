@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trainer_strategies import FAMILY_NAMES, apply_freeze_plan, cached_model, freeze_plans, tiny_model
 
+from qwenvl.families import FAMILIES
 from qwenvl.train.report import compress_ranges, log_trainable_report, trainable_report
 
 
@@ -32,7 +33,7 @@ def test_report_per_family(family):
     assert (report.vision_blocks_frozen, report.vision_blocks_partial, report.vision_blocks_trainable) == ([0], [1], [])
     assert report.merger == "trainable" and report.embeddings == "trainable" and report.lm_head == "frozen"
     assert report.layers_trainable == [0, 1] and not report.layers_partial and not report.layers_frozen
-    has_deepstack = family.startswith("qwen3")
+    has_deepstack = FAMILIES[family].deepstack_mergers is not None
     assert report.deepstack_mergers == ("trainable" if has_deepstack else "absent")
 
     assert report.total == sum(p.numel() for p in model.parameters())

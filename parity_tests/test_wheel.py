@@ -68,3 +68,24 @@ def test_wheel_runs_qwenvl_verify_outside_the_checkout(wheel_env):
     data = json.loads(report.read_text())
     assert data["passed"] and data["cases"], out
     assert {c["family"] for c in data["cases"]} >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+
+
+def test_wheel_holds_every_fixture_file(wheel_env):
+    env_dir, env, tmp = wheel_env
+    installed = Path(_run(env_dir / "bin" / "python", "-c", "import qwenvl.fixtures as f; print(f.__path__[0])", cwd=tmp, env=env).strip())
+    wanted = {
+        p.relative_to(ROOT / "fixtures")
+        for p in (ROOT / "fixtures").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    missing = sorted(str(p) for p in wanted if not (installed / p).is_file())
+    assert not missing, f"fixture files missing from the wheel (pyproject package-data): {missing[:10]}"
+
+
+@pytest.mark.slow
+def test_wheel_runs_qwenvl_train_on_the_embedded_default(wheel_env):
+    pytest.importorskip("accelerate", reason="the Trainer needs the 'train' extra (accelerate)")
+    env_dir, env, tmp = wheel_env
+    out = tmp / "train-out"
+    _run(env_dir / "bin" / "qwenvl", "train", "--output_dir", out, "--max_steps", "2", cwd=tmp, env=env)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from qwenvl.fixtures import FAMILY_NAMES, tiny_model
+from qwenvl.families import FAMILIES, family_of_model
+from qwenvl.fixtures import tiny_model
 
 __all__ = [
     "FAMILY_NAMES",
@@ -22,13 +23,15 @@ __all__ = [
     "weight_decays",
 ]
 
+FAMILY_NAMES = tuple(FAMILIES)
+
 # Substrings of parameter names that a plan can freeze as a whole.
 FREEZABLE = (
     "visual.patch_embed",
     "visual.pos_embed",
     "visual.blocks",
     "visual.merger",
-    "deepstack_merger_list",
+    *dict.fromkeys(spec.deepstack_mergers for spec in FAMILIES.values() if spec.deepstack_mergers),
     "embed_tokens",
     "language_model.layers",
     "lm_head",
@@ -78,14 +81,15 @@ def cached_model(family: str):
 def module_components(model) -> dict[int, str]:
     """``id(param) -> component`` from the module tree, not from names (an oracle independent of ``classify``).
 
-    projector: parameters of ``visual.merger`` and ``visual.deepstack_merger_list``; vision: the other
-    parameters of ``visual``; base: everything else.
+    projector: parameters of ``visual.merger`` and of the deepstack mergers where the family's spec declares
+    them; vision: the other parameters of ``visual``; base: everything else.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     visual = inner.model.visual
     projector = {id(p) for p in visual.merger.parameters()}
-    if hasattr(visual, "deepstack_merger_list"):
-        projector |= {id(p) for p in visual.deepstack_merger_list.parameters()}
+    deepstack = family_of_model(model).deepstack_mergers
+    if deepstack is not None:
+        projector |= {id(p) for p in getattr(visual, deepstack).parameters()}
     vision = {id(p) for p in visual.parameters()} - projector
     return {
         id(p): "projector" if id(p) in projector else "vision" if id(p) in vision else "base"

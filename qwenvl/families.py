@@ -1,7 +1,11 @@
-"""The Qwen-VL families we patch, each one small declarative spec.
+"""The Qwen-VL families we patch: one registry, ``FAMILIES``, and everything else derives from it.
 
-A new family sharing the text-attention pattern (one modeling module, mask builders as module globals,
-attention resolved through ``ALL_ATTENTION_FUNCTIONS``) is one more ``FamilySpec`` entry; nothing else.
+The tiny fixtures (``qwenvl.fixtures``), the verify cases (``qwenvl verify``), the test parametrisation and the
+sample builders (``qwenvl.verify.batches``) all read ``FAMILIES``; a per-family layout fact is a field of the
+spec, never a check on the family's name. A new family sharing the text-attention pattern (one modeling module,
+mask builders as module globals, attention resolved through ``ALL_ATTENTION_FUNCTIONS``) is one more
+``FamilySpec`` entry plus its fixture config ``fixtures/configs/<fixture>.json``; ``parity_tests/test_families.py``
+fails when either is missing.
 """
 
 from __future__ import annotations
@@ -19,17 +23,33 @@ class UnknownFamilyError(ValueError):
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """Where one family lives inside transformers.
+    """Where one family lives inside transformers, and the layout facts that differ between families.
 
-    Attributes:
+    Where it lives (checked against the installed release when patching):
         name: our name for the family, equal to the top-level ``config.model_type``.
         module: the modeling module whose globals we patch.
         config_class: the top-level config class (in ``transformers``).
-        entry_classes: model classes whose ``forward`` takes a packed batch (outermost first).
+        entry_classes: model classes whose ``forward`` takes a packed batch (outermost first; the first is the
+            one the fixtures build).
         text_attention: the text attention class (causal).
         vision_attention: the vision attention class (non-causal, builds its own cu_seqlens).
         mask_builders: module globals that build the text attention masks.
-        aux_loss: module global computing the MoE router loss from the top-level attention mask, if any.
+        aux_loss: module global computing the MoE router loss from the top-level attention mask; ``None`` for a
+            dense family.
+
+    Layout facts (defaults are Qwen2-VL's):
+        fixture: the tiny config ``fixtures/configs/<fixture>.json``; defaults to ``name``.
+        merger_width_key: the ``vision_config`` key holding the merger's output width, which must equal the text
+            hidden size (``"hidden_size"`` in Qwen2-VL, where ``embed_dim`` is the tower's own width;
+            ``"out_hidden_size"`` from Qwen2.5-VL on).
+        deepstack_mergers: the vision-tower attribute holding the deepstack mergers (extra projectors feeding
+            intermediate vision features to early decoder layers; optimizer component "projector"), or ``None``.
+        video_group_spans: whether each temporal group of a video gets its own
+            ``<vision_start> <video>... <vision_end>`` span behind a timestamp (Qwen3-VL's processor), rather than
+            one span for the whole video::
+
+                False:  <vs> v v v v v v v v <ve>                 (t=2 groups of 4 merged patches)
+                True:   <ts> <vs> v v v v <ve> <ts> <vs> v v v v <ve>
     """
 
     name: str
@@ -40,53 +60,72 @@ class FamilySpec:
     vision_attention: str
     mask_builders: tuple[str, ...]
     aux_loss: str | None = None
+    fixture: str = ""
+    merger_width_key: str = "hidden_size"
+    deepstack_mergers: str | None = None
+    video_group_spans: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.fixture:
+            object.__setattr__(self, "fixture", self.name)
 
     def import_module(self) -> ModuleType:
         return importlib.import_module(self.module)
 
 
-FAMILIES: dict[str, FamilySpec] = {
-    spec.name: spec
-    for spec in (
-        FamilySpec(
-            name="qwen2_vl",
-            module="transformers.models.qwen2_vl.modeling_qwen2_vl",
-            config_class="Qwen2VLConfig",
-            entry_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
-            text_attention="Qwen2VLAttention",
-            vision_attention="VisionAttention",
-            mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
-        ),
-        FamilySpec(
-            name="qwen2_5_vl",
-            module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-            config_class="Qwen2_5_VLConfig",
-            entry_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
-            text_attention="Qwen2_5_VLAttention",
-            vision_attention="Qwen2_5_VLVisionAttention",
-            mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
-        ),
-        FamilySpec(
-            name="qwen3_vl",
-            module="transformers.models.qwen3_vl.modeling_qwen3_vl",
-            config_class="Qwen3VLConfig",
-            entry_classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
-            text_attention="Qwen3VLTextAttention",
-            vision_attention="Qwen3VLVisionAttention",
-            mask_builders=("create_causal_mask",),
-        ),
-        FamilySpec(
-            name="qwen3_vl_moe",
-            module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
-            config_class="Qwen3VLMoeConfig",
-            entry_classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
-            text_attention="Qwen3VLMoeTextAttention",
-            vision_attention="Qwen3VLMoeVisionAttention",
-            mask_builders=("create_causal_mask",),
-            aux_loss="load_balancing_loss_func",
-        ),
-    )
-}
+def _registry(*specs: FamilySpec) -> dict[str, FamilySpec]:
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"family names must be unique, got {names}")
+    return {spec.name: spec for spec in specs}
+
+
+FAMILIES: dict[str, FamilySpec] = _registry(
+    FamilySpec(
+        name="qwen2_vl",
+        module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+        config_class="Qwen2VLConfig",
+        entry_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+        text_attention="Qwen2VLAttention",
+        vision_attention="VisionAttention",
+        mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
+    ),
+    FamilySpec(
+        name="qwen2_5_vl",
+        module="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        config_class="Qwen2_5_VLConfig",
+        entry_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+        text_attention="Qwen2_5_VLAttention",
+        vision_attention="Qwen2_5_VLVisionAttention",
+        mask_builders=("create_causal_mask", "create_sliding_window_causal_mask"),
+        merger_width_key="out_hidden_size",
+    ),
+    FamilySpec(
+        name="qwen3_vl",
+        module="transformers.models.qwen3_vl.modeling_qwen3_vl",
+        config_class="Qwen3VLConfig",
+        entry_classes=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+        text_attention="Qwen3VLTextAttention",
+        vision_attention="Qwen3VLVisionAttention",
+        mask_builders=("create_causal_mask",),
+        merger_width_key="out_hidden_size",
+        deepstack_mergers="deepstack_merger_list",
+        video_group_spans=True,
+    ),
+    FamilySpec(
+        name="qwen3_vl_moe",
+        module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+        config_class="Qwen3VLMoeConfig",
+        entry_classes=("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+        text_attention="Qwen3VLMoeTextAttention",
+        vision_attention="Qwen3VLMoeVisionAttention",
+        mask_builders=("create_causal_mask",),
+        aux_loss="load_balancing_loss_func",
+        merger_width_key="out_hidden_size",
+        deepstack_mergers="deepstack_merger_list",
+        video_group_spans=True,
+    ),
+)
 
 
 def get_family(name: str) -> FamilySpec:

@@ -4,8 +4,9 @@ One sample (Qwen2/2.5-VL)::
 
     text ... <vision_start> <image> x (h*w/4) <vision_end> text ... <vision_start> <video> x (t*h*w/4) <vision_end>
 
-Qwen3-VL / Qwen3-VL-MoE give every temporal group of a video its own ``<vision_start> ... <vision_end>``
-(the processor puts a timestamp between groups; here a text token stands in for it).
+A family whose spec has ``video_group_spans`` (Qwen3-VL, Qwen3-VL-MoE) gives every temporal group of a video
+its own ``<vision_start> ... <vision_end>`` (the processor puts a timestamp before each group; here a text token
+stands in for it).
 
 A packed batch concatenates samples along the token axis: ``input_ids (1, T)``, ``cu_seqlens`` int32,
 positions ``(3, 1, T)`` (upstream convention) or ``(4, 1, T)`` with the text row restarting at 0 (the
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from qwenvl.families import get_family
 from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens
 from qwenvl.positions import rope_index
 
@@ -59,7 +61,7 @@ def make_sample(config, spec: SampleSpec, *, generator: torch.Generator) -> Samp
         raise ValueError(f"a sample needs text >= 0 tokens, got {spec.text}")
     vision = config.vision_config
     merge = vision.spatial_merge_size**2
-    per_group = config.model_type.startswith("qwen3")
+    per_group = get_family(config.model_type).video_group_spans
 
     def text(n):
         return torch.randint(_TEXT_LOW, _TEXT_HIGH, (n,), generator=generator)
