@@ -549,17 +549,23 @@ def test_four_row_positions_start_a_sample_at_every_row(family):
     torch.testing.assert_close(patched, unpatched, atol=1e-5, rtol=0)
 
 
-def test_flattened_two_dimensional_positions_are_refused():
-    # DataCollatorWithFlattening emits (1, T) positions restarting per sample: wrong mrope for Qwen-VL and mixed
-    # samples on transformers 5.x. The patched model says so instead of training on it.
+def test_flattened_two_dimensional_positions_with_an_image_are_refused():
+    # DataCollatorWithFlattening emits (1, T) positions restarting per sample: text-only positions, wrong for an
+    # image's mrope rows. With vision inputs the patched model says so instead of training on it (text-only
+    # batches are accepted: test_ordinary_calls.py).
     model = tiny_model("qwen2_vl")
-    ids = torch.randint(3, 400, (1, 9))
-    flattened = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    gen = torch.Generator().manual_seed(0)
+    image = make_sample(model.config, SampleSpec(3, image=(2, 2)), generator=gen)
+    ids = torch.cat([image.input_ids, torch.randint(3, 400, (4,))])[None]
+    flattened = torch.cat([torch.arange(len(image)), torch.arange(4)])[None]
+    inputs = {"input_ids": ids, "pixel_values": image.pixel_values, "image_grid_thw": image.image_grid_thw}
+    if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:
+        inputs["mm_token_type_ids"] = mm_token_type_ids(model.config, ids)  # 5.3+
     with qwenvl.patch(model):
         with pytest.raises(ValueError, match=r"restart at 0 inside a row.*4-row position_ids"):
-            model(input_ids=ids, position_ids=flattened)
+            model(**inputs, position_ids=flattened)
         with torch.no_grad():  # an ordinary 2-D position row still works
-            model(input_ids=ids, position_ids=torch.arange(9)[None])
+            model(**inputs, position_ids=torch.arange(ids.shape[1])[None])
 
 
 @pytest.mark.gpu

@@ -12,8 +12,9 @@ What gets touched, per family (see ``qwenvl.families``), all recorded for revert
   - the modeling module's ``ALL_ATTENTION_FUNCTIONS`` / ``eager_attention_forward`` globals: every attention
     function they hand out first checks for a ``VarlenMeta`` (text) or ``cu_seq_lens_q`` (vision flash path);
   - the MoE router loss: a ``VarlenMeta`` mask counts every token;
-  - transformers' ``AttentionInterface``: the name ``qwenvl_flash_varlen`` (the vision tower's implementation
-    when a model is given, so it takes its single-call varlen path).
+  - transformers' ``AttentionInterface``: the name ``qwenvl_flash_varlen``, through ``register`` (the vision
+    tower's implementation when a model is given, so it takes its single-call varlen path); undone by
+    restoring the previous entry, or removing the key when there was none.
 transformers offers no extension point for the entry detection and the mask pass-through, hence module
 attributes. Everything is checked before anything is changed: a patch that cannot be applied raises and
 leaves nothing behind.
@@ -21,13 +22,14 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Iterable
 
 from qwenvl.families import FAMILIES, FamilySpec, UnknownFamilyError, family_of_model, get_family
 from qwenvl.patches import _dispatch
-from qwenvl.patches._handle import PatchRecorder
+from qwenvl.patches._handle import MISSING, PatchRecorder
 from qwenvl.patches._versions import check_transformers_version
 
 __all__ = ["patch", "PatchHandle", "PatchError", "active_patch", "VARLEN_IMPLEMENTATION"]
@@ -172,30 +174,21 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
 def _register_implementation(recorder: PatchRecorder) -> None:
     from transformers import AttentionInterface
 
-    mapping = AttentionInterface._global_mapping
-    recorder.setattr(_MappingItem(mapping), VARLEN_IMPLEMENTATION, _dispatch.varlen_only, create=True)
+    # A fresh instance holds no local overrides, so it shows exactly the class-wide registry register() writes.
+    registry = AttentionInterface()
+    previous = registry[VARLEN_IMPLEMENTATION] if VARLEN_IMPLEMENTATION in registry else MISSING
+    AttentionInterface.register(VARLEN_IMPLEMENTATION, _dispatch.varlen_only)
+    recorder.add_undo(functools.partial(_restore_implementation, previous))
 
 
-class _MappingItem:
-    """Lets the recorder set and restore one key of a dict as if it were an attribute."""
+def _restore_implementation(previous) -> None:
+    from transformers import AttentionInterface
 
-    def __init__(self, mapping: dict) -> None:
-        self.__dict__["_mapping"] = mapping
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["_mapping"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name, value) -> None:
-        self.__dict__["_mapping"][name] = value
-
-    def __delattr__(self, name) -> None:
-        del self.__dict__["_mapping"][name]
-
-    def __repr__(self) -> str:
-        return "AttentionInterface._global_mapping"
+    if previous is MISSING:
+        # transformers has register() but no unregister: remove the one key register() added.
+        del AttentionInterface._global_mapping[VARLEN_IMPLEMENTATION]
+    else:
+        AttentionInterface.register(VARLEN_IMPLEMENTATION, previous)
 
 
 def _route_vision(model, recorder: PatchRecorder) -> None:

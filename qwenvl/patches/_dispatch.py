@@ -15,8 +15,8 @@ How a packed batch flows once patched::
            dispatcher: VarlenMeta -> qwenvl.attention.varlen_attention on (T, N, H), causal per module
       -> MoE router loss: load_balancing_loss_func(..., attention_mask=VarlenMeta) -> sees None (no padding)
 
-Ordinary batches (a 2-D padding mask, or a cache being continued) never meet a VarlenMeta and run the
-original code unchanged.
+Ordinary batches (a 2-D padding mask, a cache being continued, or no mask and positions that never restart
+at 0 inside a row, as ``generate`` sends them) never meet a VarlenMeta and run the original code unchanged.
 """
 
 from __future__ import annotations
@@ -70,16 +70,102 @@ def _cache_is_empty(cache) -> bool:
     return get_len is None or int(get_len()) == 0
 
 
+_VISION_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+
+_CONVENTIONS = (
+    "4-row position_ids [text; t; h; w] with the text row restarting at 0 per sample, or "
+    "attention_mask=cu_seqlens with each sample's (3, 1, T) positions (qwenvl.positions.packed_position_ids)"
+)
+
+
+def _restart_offsets(text_BL: torch.Tensor) -> list[int] | None:
+    """Sample starts of a batch whose text positions restart at 0 inside a row, or ``None`` for an ordinary batch.
+
+    ::
+
+        text row    0 1 2 3 0 1 2 | 5 6 7 8 0 1 2      (B = 2 rows of L = 7)
+        starts      ^       ^     | ^       ^          every row start, and every 0 inside a row
+        offsets     [0, 4, 7, 11, 14]
+
+    Positions that never restart inside a row are one sample per row: an ordinary batch (``generate``'s prefill
+    on transformers 5.x sends exactly that, with no mask), left to the original code. One host sync.
+    """
+    starts_BL = (text_BL == 0).cpu()  # the forward's one sync
+    if not bool(starts_BL[:, 1:].any()):
+        return None
+    starts_BL[:, 0] = True
+    rows, row_len = starts_BL.shape
+    return [*torch.nonzero(starts_BL.flatten()).flatten().tolist(), rows * row_len]
+
+
+def _require_positions(position_ids) -> None:
+    if position_ids is None:
+        raise ValueError(
+            "a packed batch needs position_ids: each sample's own mrope rows concatenated, shape (3, 1, T) or the "
+            "4-row form; qwenvl.positions.packed_position_ids computes them"
+        )
+
+
+def _upstream_meta(cu_seqlens: torch.Tensor, position_ids, rows: int, row_len: int, device) -> VarlenMeta:
+    """Convention 1: ``attention_mask`` is int cu_seqlens ``(S+1,)`` over the ``B * L`` tokens."""
+    meta = VarlenMeta.from_cu_seqlens(cu_seqlens, total=rows * row_len, device=device)
+    _require_positions(position_ids)
+    return meta
+
+
+def _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows: int, row_len: int, device) -> VarlenMeta:
+    """Convention 2: transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs (self-attention: q == k)."""
+    if attention_mask is not None:
+        raise ValueError("cu_seq_lens_q was given together with an attention_mask; pass one or the other")
+    host = None
+    if cu_k is not None and cu_k is not cu_q:
+        if not isinstance(cu_k, torch.Tensor) or cu_k.shape != getattr(cu_q, "shape", None):
+            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
+        host_q, host_k = torch.stack([cu_q, cu_k.to(cu_q.device)]).tolist()  # the forward's one sync
+        if host_q != host_k:
+            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
+        host = host_q
+    meta = VarlenMeta.from_cu_seqlens(cu_q, total=rows * row_len, device=device, host_offsets=host)
+    _require_positions(position_ids)
+    return meta
+
+
+def _four_row_meta(position_ids: torch.Tensor, rows: int, row_len: int, device) -> VarlenMeta | None:
+    """Convention 3: transformers' 4-row ``position_ids`` ``[text; t; h; w]``, no mask; a sample starts wherever
+    the text row restarts at 0. ``None`` when it never restarts inside a row (an ordinary batch)."""
+    offsets = _restart_offsets(position_ids[0].expand(rows, row_len))
+    return None if offsets is None else VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
+
+
+def _flattened_meta(kwargs: dict[str, Any], position_ids: torch.Tensor, rows: int, row_len: int, device):
+    """``DataCollatorWithFlattening``'s ``(B, L)`` positions, restarting at 0 per sample, no mask.
+
+    Text-only samples have the text position on all three mrope rows (what every family's ``get_rope_index``
+    gives them alone), so the positions become ``(3, B, L)``. With vision inputs the mrope rows cannot be
+    recovered from one row: refused. ``None`` when they never restart inside a row (an ordinary batch).
+    """
+    text_BL = position_ids.expand(rows, row_len)
+    offsets = _restart_offsets(text_BL)
+    if offsets is None:
+        return None
+    vision = [name for name in _VISION_INPUTS if kwargs.get(name) is not None]
+    if vision:
+        raise ValueError(
+            f"position_ids of shape (B, T) restart at 0 inside a row (a packed batch) and come with {', '.join(vision)}, "
+            f"but vision tokens need mrope positions that one row cannot carry: pass {_CONVENTIONS}"
+        )
+    kwargs["position_ids"] = text_BL[None].expand(3, rows, row_len)
+    return VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
+
+
 def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
     """Turn the packed conventions in ``kwargs`` into one ``VarlenMeta`` (and remove their raw forms).
 
-    Conventions (first match wins):
-      1. upstream Qwen-VL: ``attention_mask`` is 1-D int cu_seqlens over the B * L tokens;
-      2. transformers: ``cu_seq_lens_q``/``cu_seq_lens_k`` (and ``max_length_q``/``max_length_k``) kwargs;
-      3. transformers: 4-row ``position_ids`` ``[text; t; h; w]`` and no attention mask: a sample starts
-         wherever the text row is 0.
-    Returns ``None`` for everything else (a 2-D padding mask, no mask and no packing information, a cache
-    being continued): the original code runs unchanged, exactly as it would unpatched.
+    Conventions (first match wins): ``attention_mask`` = cu_seqlens (``_upstream_meta``); ``cu_seq_lens_q/k``
+    kwargs (``_kwargs_meta``); no mask and 4-row positions (``_four_row_meta``) or ``(B, L)`` positions
+    (``_flattened_meta``) restarting at 0 inside a row. Returns ``None`` for everything else (a 2-D padding mask,
+    positions that never restart inside a row, a cache being continued): the original code runs unchanged,
+    exactly as it would unpatched.
     """
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
@@ -96,54 +182,31 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
         raise ValueError("a forward needs input_ids or inputs_embeds")
     rows, row_len = reference.shape[0], reference.shape[1]
     device = reference.device
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
     position_ids = kwargs.get("position_ids")
-
     is_cu_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 1
-    if not _cache_is_empty(cache):
+
+    if not _cache_is_empty(kwargs.get("past_key_values", kwargs.get("cache"))):
         if is_cu_mask or cu_q is not None:
             raise ValueError("a packed batch (cu_seqlens) cannot continue a non-empty cache")
         return None
 
     if is_cu_mask:
-        meta = VarlenMeta.from_cu_seqlens(attention_mask, total=rows * row_len, device=device)
+        meta = _upstream_meta(attention_mask, position_ids, rows, row_len, device)
     elif cu_q is not None:
-        if attention_mask is not None:
-            raise ValueError("cu_seq_lens_q was given together with an attention_mask; pass one or the other")
-        host = None
-        if cu_k is not None and cu_k is not cu_q:
-            if not isinstance(cu_k, torch.Tensor) or cu_k.shape != getattr(cu_q, "shape", None):
-                raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
-            host_q, host_k = torch.stack([cu_q, cu_k.to(cu_q.device)]).tolist()  # the forward's one sync
-            if host_q != host_k:
-                raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
-            host = host_q
-        meta = VarlenMeta.from_cu_seqlens(cu_q, total=rows * row_len, device=device, host_offsets=host)
-    elif attention_mask is None and position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
-        starts = (position_ids[0].reshape(-1) == 0).cpu()  # the forward's one sync
-        starts[::row_len] = True  # every row starts a sample
-        offsets = [*torch.nonzero(starts).flatten().tolist(), rows * row_len]
-        meta = VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
+        meta = _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows, row_len, device)
+    elif attention_mask is not None or position_ids is None:
+        return None
+    elif position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        meta = _four_row_meta(position_ids, rows, row_len, device)
+    elif position_ids.ndim == 2:
+        meta = _flattened_meta(kwargs, position_ids, rows, row_len, device)
     else:
-        if attention_mask is None and position_ids is not None and position_ids.ndim == 2:
-            if bool((position_ids[:, 1:] == 0).any()):
-                # DataCollatorWithFlattening's form: one position row restarting per sample. transformers gives
-                # Qwen-VL models wrong (text-only) mrope positions from it and, on 5.x, mixes the samples.
-                raise ValueError(
-                    "position_ids of shape (B, T) restart at 0 inside a row (a packed batch), but Qwen-VL models need "
-                    "mrope positions: pass 4-row position_ids [text; t; h; w], or attention_mask=cu_seqlens with "
-                    "each sample's (3, 1, T) positions (qwenvl.positions.packed_position_ids)"
-                )
+        return None
+    if meta is None:
         return None
 
-    if (is_cu_mask or cu_q is not None) and position_ids is None:
-        raise ValueError(
-            "a packed batch needs position_ids: each sample's own mrope rows concatenated, shape (3, 1, T) or the "
-            "4-row form; qwenvl.positions.packed_position_ids computes them"
-        )
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions is not available for packed batches: the varlen kernels return no weights")
-
     if not _row_boundaries_ok(meta.offsets, rows, row_len):
         raise ValueError(
             f"cu_seqlens {list(meta.offsets)} must put a boundary at every row start of the {rows} x {row_len} batch"
