@@ -57,6 +57,7 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
+@pytest.mark.slow
 @given(case=attention_cases())
 @example(case=AttnCase(lengths=(64,), n_heads=4, kv_heads=1, head_dim=32, causal=True))
 @example(case=AttnCase(lengths=(1,) * 16, n_heads=6, kv_heads=2, head_dim=13, causal=True))

@@ -12,7 +12,7 @@ pytest.importorskip("accelerate", reason="the Trainer needs the 'train' extra (a
 
 from qwenvl.cli import main as qwenvl_main  # noqa: E402
 from qwenvl.data.processor import load_processor  # noqa: E402
-from qwenvl.fixtures.embedded import demo_data_path, model_dir  # noqa: E402
+from qwenvl.fixtures import demo_data_path, model_dir  # noqa: E402
 
 FAST = ["--model_max_length", "256", "--learning_rate", "3e-3", "--seed", "0", "--disable_tqdm", "True"]
 

@@ -63,13 +63,13 @@ _DEFAULT_FLAGS = (("--per_device_train_batch_size", "1"), ("--logging_steps", "1
 
 
 def _default_model_dir() -> str:
-    from qwenvl.fixtures.embedded import model_dir
+    from qwenvl.fixtures import model_dir
 
     return str(model_dir("qwen2_5_vl"))
 
 
 def _default_data_path() -> str:
-    from qwenvl.fixtures.embedded import demo_data_path
+    from qwenvl.fixtures import demo_data_path
 
     return str(demo_data_path())
 
