@@ -350,7 +350,9 @@ def test_gradient_checkpointing_recomputes_packed_layers():
     batch = pack(model, samples)
     for s in samples:
         reference(**sample_inputs(reference, s), use_cache=False).logits.sum().backward()
-    model.gradient_checkpointing_enable()
+    # transformers 5.x renamed the API (the old name warns that it goes in v6); 4.57 has only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.train()
     with qwenvl.patch(model):
         model(**batch.model_inputs(), use_cache=False).logits.sum().backward()
