@@ -52,6 +52,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert _train(tmp_path, "whole", *common)[0] == 0
     # the interrupted run: the same run picked up from its step-2 checkpoint, in a folder of its own
     assert _train(tmp_path, "resumed", *common, "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))[0] == 0
+    # resumed, not restarted: it saved only the step-4 checkpoint (a fresh run would save step 2 as well)
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-4"]
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
@@ -65,8 +67,13 @@ def test_lora_trains_adapters_only(tmp_path):
     assert code == 0 and len([e for e in state["log_history"] if "loss" in e]) == 2
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
     base = transformers.AutoModelForImageTextToText.from_pretrained(model_dir("qwen2_5_vl"))
+    initial = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = PeftModel.from_pretrained(base, tmp_path / "lora")
     assert any("lora_" in n for n, _ in model.named_parameters())
+    # the projector was trained in full (--tune_mm_mlp defaults to True): the checkpoint must carry it
+    merged = model.merge_and_unload()
+    moved = [n for n, p in merged.named_parameters() if "merger" in n and not torch.equal(p, initial[n])]
+    assert moved, "the trained projector did not reach the LoRA checkpoint"
 
 
 def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
@@ -94,8 +101,20 @@ def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
         (["--attention_backend", "nope"], "--attention_backend 'nope' is not one of auto, "),
         (["--pack_budget", "100", "--model_max_length", "200"], "--pack_budget 100 is below --model_max_length 200"),
         (["--tune_mm_llm", "False", "--tune_mm_mlp", "False"], "nothing to train"),
+        (["--per-device-train-batch-size", "4"], "with packing a batch is one packed row"),
     ],
 )
-def test_bad_options_are_refused_up_front(tmp_path, args, message):
-    with pytest.raises(SystemExit, match=message):
-        qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), *args])
+def test_bad_options_are_refused_up_front(tmp_path, capsys, args, message):
+    assert qwenvl_main(["train", "--output-dir", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists(), "refused before anything ran"
+
+
+def test_bad_data_files_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--data_path", str(bad)]) == 2
+    assert f"{bad}: not valid JSON" in capsys.readouterr().err
+    assert qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--data_path", f"{bad}%x"]) == 2
+    assert "sampling ratio after % must be a number" in capsys.readouterr().err

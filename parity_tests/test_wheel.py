@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -28,10 +29,22 @@ def _run(*cmd, cwd, env=None) -> str:
     return proc.stdout
 
 
+def _tracked_files() -> list[Path]:
+    """The committed (or staged) files of the checkout: what a clean clone builds from."""
+    out = _run("git", "ls-files", "-z", cwd=ROOT)
+    return [Path(name) for name in out.split("\0") if name]
+
+
 @pytest.fixture(scope="module")
 def wheel_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", ROOT, cwd=tmp)
+    # Build from a copy of the tracked files: no leftovers of the checkout's build/ reach the wheel, and two
+    # xdist workers never build in the same folder.
+    source = tmp / "source"
+    for name in _tracked_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", source, cwd=tmp)
     (wheel,) = (tmp / "dist").glob("qwenvl-*.whl")
     env_dir = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
@@ -73,11 +86,7 @@ def test_wheel_runs_qwenvl_verify_outside_the_checkout(wheel_env):
 def test_wheel_holds_every_fixture_file(wheel_env):
     env_dir, env, tmp = wheel_env
     installed = Path(_run(env_dir / "bin" / "python", "-c", "import qwenvl.fixtures as f; print(f.__path__[0])", cwd=tmp, env=env).strip())
-    wanted = {
-        p.relative_to(ROOT / "fixtures")
-        for p in (ROOT / "fixtures").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    wanted = {p.relative_to("fixtures") for p in _tracked_files() if p.parts[0] == "fixtures"}
     missing = sorted(str(p) for p in wanted if not (installed / p).is_file())
     assert not missing, f"fixture files missing from the wheel (pyproject package-data): {missing[:10]}"
 

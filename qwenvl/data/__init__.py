@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 
 from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator
-from qwenvl.data.dataset import BadSampleError, RowRef, SupervisedDataset, read_rows
+from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, read_rows
 from qwenvl.data.packer import Packing, pack
 
 __all__ = [
     "SupervisedDataset",
     "BadSampleError",
+    "DataFileError",
     "RowRef",
     "read_rows",
     "pack",

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
-from qwenvl.packing import lengths_to_cu_seqlens, mask_boundary_labels
+from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
 
-__all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS"]
+__all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 CONVENTIONS = ("upstream", "hf_positions")
@@ -88,7 +88,7 @@ class PackedCollator:
             batch["attention_mask"] = cu_seqlens
             batch["position_ids"] = positions_3T[:, None, :]
         else:
-            text_T = torch.cat([torch.arange(int(n)) for n in lengths]).to(positions_3T.dtype)
+            text_T = cu_seqlens_to_position_ids(cu_seqlens, int(lengths.sum())).to(positions_3T.dtype)
             batch["position_ids"] = torch.cat([text_T[None], positions_3T])[:, None, :]
         return batch
 

@@ -29,6 +29,7 @@ tag counts matching the media, a well-formed conversation with an assistant turn
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -41,14 +42,17 @@ from typing import Any, Sequence
 
 import torch
 
-from qwenvl.data.processor import VideosUnavailable
+from qwenvl.data.processor import VideosUnavailable, videos_available
+from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
 from qwenvl.positions import rope_index
 
-__all__ = ["SupervisedDataset", "BadSampleError", "RowRef", "read_rows", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
+__all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "IGNORE_INDEX"]
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _TAG = re.compile(r"(<image>|<video>)")
+
+
+class DataFileError(ValueError):
+    """A data file (or the data path) that cannot be read as rows; the message names it."""
 
 
 class BadSampleError(ValueError):
@@ -77,15 +81,15 @@ def _parse_spec(spec: str) -> tuple[Path, float]:
         try:
             percent = float(ratio)
         except ValueError:
-            raise ValueError(f"data path {spec!r}: the sampling ratio after % must be a number, got {ratio!r}") from None
+            raise DataFileError(f"data path {spec!r}: the sampling ratio after % must be a number, got {ratio!r}") from None
         if not percent > 0 or not math.isfinite(percent):
-            raise ValueError(f"data path {spec!r}: the sampling ratio must be > 0 percent, got {ratio}")
+            raise DataFileError(f"data path {spec!r}: the sampling ratio must be > 0 percent, got {ratio}")
     return Path(path).expanduser(), float(ratio) / 100 if ratio else 1.0
 
 
 def _load_file(path: Path) -> list[Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise DataFileError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
@@ -94,14 +98,14 @@ def _load_file(path: Path) -> list[Any]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+                    raise DataFileError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
         return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise DataFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
+        raise DataFileError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
     return rows
 
 
@@ -115,10 +119,13 @@ def read_rows(data_path: str | Sequence[str], *, seed: int = 0) -> list[tuple[Ro
         if ratio != 1.0:
             whole, part = divmod(ratio, 1.0)
             rng = random.Random(f"{seed}:{path}")
-            rows = rows * int(whole) + rng.sample(rows, round(part * len(rows)))
+            kept = rows * int(whole) + rng.sample(rows, round(part * len(rows)))
+            if rows and not kept:
+                raise DataFileError(f"data path {spec!r}: {ratio * 100:g}% of {len(rows)} rows keeps none")
+            rows = kept
         out.extend(rows)
     if not out:
-        raise ValueError(f"no rows in {data_path}")
+        raise DataFileError(f"no rows in {data_path}")
     return out
 
 
@@ -145,14 +152,19 @@ def _check_row(ref: RowRef, row: Any) -> _Row:
     if not isinstance(turns, list) or not turns:
         raise BadSampleError(ref, "'conversations' is missing or empty")
     base = ref.file.parent
-    media = {kind: [Path(p) if Path(p).is_absolute() else base / p for p in _as_list(row.get(kind))] for kind in ("image", "video")}
-    for kind, paths in media.items():
-        for p in paths:
-            if not isinstance(p, Path) or not p.is_file():
-                raise BadSampleError(ref, f"{kind} file {p} does not exist")
+    media: dict[str, list[Path]] = {}
+    for kind in ("image", "video"):
+        media[kind] = []
+        for value in _as_list(row.get(kind)):
+            if not isinstance(value, str) or not value:
+                raise BadSampleError(ref, f"'{kind}' must be a path or a list of paths, got {value!r:.80}")
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if not path.is_file():
+                raise BadSampleError(ref, f"{kind} file {path} does not exist")
+            media[kind].append(path)
     messages, counts, replies = [], Counter(), 0
     for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in _ROLES or not isinstance(turn.get("value"), str):
             raise BadSampleError(
                 ref, f"turn {t} must be {{'from': one of {sorted(_ROLES)}, 'value': a string}}, got {turn!r:.80}"
             )
@@ -217,7 +229,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.model = model
         self.model_max_length = int(model_max_length)
         self.truncate = truncate
-        self._start_ids, self._end_id = _role_markers(processor)
+        self._start_ids, self._start_space, self._end_id = _role_markers(processor)
         self._special = _special_strings(processor)
         self.skipped: list[tuple[RowRef, str]] = []
         self.truncated: list[RowRef] = []
@@ -238,7 +250,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if truncated:
                     self.truncated.append(ref)
         if not self.rows:
-            raise ValueError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
+            raise DataFileError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
 
     def _admit(self, ref: RowRef, raw: Any):
         try:
@@ -247,6 +259,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return row, int(item["input_ids"].numel()), truncated
         except BadSampleError as exc:
             return exc
+        except Exception as exc:  # anything else a row can trip (the template, the positions): still named
+            return BadSampleError(ref, f"{type(exc).__name__}: {exc}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -259,7 +273,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if self.truncated:
             text += f"; {len(self.truncated)} truncated to {self.model_max_length} tokens"
         if self.skipped:
-            reasons = Counter(problem.split(":")[0] for _, problem in self.skipped)
+            reasons = Counter(problem.split(":")[0].split(" file ")[0] for _, problem in self.skipped)
             text += f"; {len(self.skipped)} bad rows skipped (" + ", ".join(f"{n}x {r}" for r, n in reasons.items()) + ")"
         return text
 
@@ -272,9 +286,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     raise BadSampleError(row.ref, f"the text contains the special token {hit!r}")
         text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
         images = [_open_image(row.ref, p) for p in row.images] or None
-        videos = [str(p) for p in row.videos] or None
+        videos, extra = None, {}
+        if row.videos:
+            if not videos_available(self.processor):
+                raise BadSampleError(row.ref, "videos need torchvision: transformers' video processors need it and it is not installed here")
+            decoded = [_load_video(row.ref, p) for p in row.videos]
+            videos, extra["video_metadata"] = [v for v, _ in decoded], [m for _, m in decoded]
         try:
-            out = self.processor(text=[text], images=images, videos=videos, return_tensors="pt")
+            out = self.processor(text=[text], images=images, videos=videos, return_tensors="pt", **extra)
         except VideosUnavailable as exc:
             raise BadSampleError(row.ref, f"videos need torchvision: {exc}") from None
         except Exception as exc:  # the processor's own message, with the row named
@@ -285,7 +304,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if input_ids.numel() > self.model_max_length:
             input_ids, labels, truncated = self._cut(row, out, input_ids, labels)
         item = {"input_ids": input_ids, "labels": labels}
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        for key in VISION_KEYS:
             if out.get(key) is not None:
                 item[key] = torch.as_tensor(out[key])
         if out.get("mm_token_type_ids") is not None:
@@ -308,6 +327,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         while i + n <= len(ids):
             if ids[i : i + n] == start:
                 begin = i + n
+                # The marker's trailing whitespace ("\n") is its own token unless the reply starts with
+                # whitespace too and BPE merged them ("\n\n"): then that merged token is trained on.
+                if self._start_space is not None and begin < len(ids) and ids[begin] == self._start_space:
+                    begin += 1
                 try:
                     end = ids.index(self._end_id, begin)
                 except ValueError:
@@ -343,8 +366,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return input_ids[:limit], labels, True
 
 
-def _role_markers(processor) -> tuple[list[int], int]:
-    """The token ids that open an assistant reply, and the token that ends a turn, read off the template."""
+def _role_markers(processor) -> tuple[list[int], int | None, int]:
+    """Read off the template: the tokens that open an assistant reply (without trailing whitespace), the
+    token of that whitespace (or None), and the token that ends a turn."""
     tokenizer = getattr(processor, "tokenizer", processor)
     user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
     reply = [*user, {"role": "assistant", "content": [{"type": "text", "text": "y"}]}]
@@ -352,12 +376,15 @@ def _role_markers(processor) -> tuple[list[int], int]:
     prompt = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = processor.apply_chat_template(reply, tokenize=False, add_generation_prompt=False)
     if not prompt.startswith(bare) or not full.startswith(prompt + "y"):
-        raise ValueError("the processor's chat template does not render an assistant turn as generation prompt + reply")
-    start_ids = tokenizer(prompt[len(bare) :], add_special_tokens=False)["input_ids"]
+        raise DataFileError("the processor's chat template does not render an assistant turn as generation prompt + reply")
+    marker = prompt[len(bare) :]
+    stripped = marker.rstrip()
+    start_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    space_ids = tokenizer(marker[len(stripped) :], add_special_tokens=False)["input_ids"] if marker != stripped else []
     end_ids = tokenizer(full[len(prompt) + 1 :], add_special_tokens=False)["input_ids"]
-    if not start_ids or not end_ids:
-        raise ValueError("the processor's chat template has no assistant start marker or end-of-turn token")
-    return list(start_ids), int(end_ids[0])
+    if not start_ids or not end_ids or len(space_ids) > 1:
+        raise DataFileError("the processor's chat template has no assistant start marker or end-of-turn token")
+    return list(start_ids), (int(space_ids[0]) if space_ids else None), int(end_ids[0])
 
 
 def _special_strings(processor) -> tuple[str, ...]:
@@ -376,3 +403,23 @@ def _open_image(ref: RowRef, path: Path):
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise BadSampleError(ref, f"image file {path} cannot be read: {exc}") from None
+
+
+# transformers' video decoders, in the order we try them, with the module each needs.
+_VIDEO_DECODERS = (("torchcodec", "torchcodec"), ("pyav", "av"), ("decord", "decord"), ("opencv", "cv2"))
+
+
+def _load_video(ref: RowRef, path: Path):
+    """All frames of a video file and its metadata, through transformers' ``load_video``; the processor
+    samples frames by its own config, exactly as with a path."""
+    from transformers.video_utils import load_video
+
+    backend = next((name for name, module in _VIDEO_DECODERS if importlib.util.find_spec(module) is not None), None)
+    if backend is None:
+        raise BadSampleError(
+            ref, f"video file {path} cannot be decoded: no video decoder is installed (pip install av, or torchcodec)"
+        )
+    try:
+        return load_video(str(path), backend=backend)
+    except Exception as exc:
+        raise BadSampleError(ref, f"video file {path} cannot be read ({backend}): {type(exc).__name__}: {exc}") from None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
-__all__ = ["load_processor", "videos_available", "VideosUnavailable"]
+__all__ = ["load_processor", "save_processor", "videos_available", "VideosUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +92,31 @@ def _refusing_types() -> tuple[type, ...]:
 
 
 _REFUSING: list[type] = []
+
+
+# What a model directory holds for its processor (transformers' file names, any release).
+_PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def save_processor(processor, model_dir: str | Path, output_dir: str | Path) -> None:
+    """Save the processor beside a checkpoint. The images-only processor would write its refusing video
+    processor in place of the real one, so there the model directory's own processor files are copied."""
+    if videos_available(processor) or not Path(model_dir).is_dir():
+        processor.save_pretrained(output_dir)
+        return
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for name in _PROCESSOR_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(output_dir) / name)

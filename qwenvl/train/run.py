@@ -96,8 +96,17 @@ def _lora(model, model_args: ModelArguments):
     )
     if not targets:
         raise ValueError("LoRA found no linear layer of the language model to adapt")
+    # PEFT saves only the adapters and `modules_to_save`: a vision component trained in full must be listed
+    # there, or the checkpoint silently drops it.
+    full = ["visual"] if model_args.tune_mm_vision else []
+    if model_args.tune_mm_mlp and not full:
+        full = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith(("merger", "deepstack_merger_list"))})
     config = LoraConfig(
-        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, target_modules=targets
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=full or None,
     )
     wrapped = get_peft_model(model, config)
     # PEFT freezes the base model; the vision components keep the --tune_mm_* choice.
@@ -108,27 +117,35 @@ def _lora(model, model_args: ModelArguments):
     return wrapped
 
 
-def _check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
+class Refused(ValueError):
+    """A bad option: one line for the user and exit status 2, before anything is loaded."""
+
+
+def _check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     from qwenvl.attention import BACKENDS
     from qwenvl.data import CONVENTIONS
 
-    if model_args.dtype not in _DTYPES:
-        raise SystemExit(f"qwenvl train: --dtype {model_args.dtype!r} is not one of {', '.join(_DTYPES)}")
-    if model_args.attention_backend not in ("auto", *BACKENDS):
-        raise SystemExit(
-            f"qwenvl train: --attention_backend {model_args.attention_backend!r} is not one of auto, {', '.join(BACKENDS)}"
-        )
-    if data_args.packing_convention not in CONVENTIONS:
-        raise SystemExit(
-            f"qwenvl train: --packing_convention {data_args.packing_convention!r} is not one of {', '.join(CONVENTIONS)}"
-        )
+    def one_of(flag: str, value, choices) -> None:
+        if value not in choices:
+            raise Refused(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+    one_of("--dtype", model_args.dtype, _DTYPES)
+    one_of("--attention_backend", model_args.attention_backend, ("auto", *BACKENDS))
+    one_of("--packing_convention", data_args.packing_convention, CONVENTIONS)
     if data_args.pack_budget is not None and data_args.pack_budget < data_args.model_max_length:
-        raise SystemExit(
-            f"qwenvl train: --pack_budget {data_args.pack_budget} is below --model_max_length "
-            f"{data_args.model_max_length}: a sample of maximal length would not fit a row"
+        raise Refused(
+            f"--pack_budget {data_args.pack_budget} is below --model_max_length {data_args.model_max_length}: "
+            "a sample of maximal length would not fit a row"
         )
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm or model_args.lora_enable):
-        raise SystemExit("qwenvl train: nothing to train: every --tune_mm_* is False and --lora_enable is off")
+        raise Refused("nothing to train: every --tune_mm_* is False and --lora_enable is off")
+    if data_args.packing and training_args.per_device_train_batch_size != 1:
+        raise Refused(
+            "with packing a batch is one packed row: use --per_device_train_batch_size 1 and --pack_budget for "
+            "the tokens per row (or --packing False for padded batches)"
+        )
+    if data_args.packing and getattr(training_args, "group_by_length", False):  # gone in transformers 5
+        raise Refused("--group_by_length groups padded batches; packing already puts samples of similar length in rows")
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
@@ -137,10 +154,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     import transformers
     import qwenvl
     from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset
-    from qwenvl.data.processor import load_processor, videos_available
+    from qwenvl.data.processor import load_processor, save_processor, videos_available
     from qwenvl.train.trainer import QwenVLTrainer
 
-    _check_args(model_args, data_args)
+    _check_args(model_args, data_args, training_args)
     model_path = model_args.model_name_or_path or _default_model_dir()
     data_path = data_args.data_path or _default_data_path()
     processor = load_processor(model_path)
@@ -171,11 +188,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
     logger.warning("qwenvl train: data: %s", summary["data"])
     if data_args.packing:
-        if training_args.per_device_train_batch_size != 1:
-            raise SystemExit(
-                "qwenvl train: with packing a batch is one packed row: use --per_device_train_batch_size 1 and "
-                "--pack_budget for the tokens per row (or --packing False for padded batches)"
-            )
         train_dataset = PackedDataset(dataset, data_args.pack_budget or data_args.model_max_length, seed=training_args.seed)
         collator = PackedCollator(data_args.packing_convention)
         summary["packing"] = train_dataset.packing.summary()
@@ -191,7 +203,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
+        save_processor(processor, model_path, training_args.output_dir)
     return {**result.metrics, **summary}
 
 
@@ -202,19 +214,19 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="qwenvl train")
     argv = sys.argv[1:] if argv is None else argv
-    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) and "-h" not in argv and "--help" not in argv:
+    if not _given(argv, "--output_dir") and "-h" not in argv and "--help" not in argv:
         parser.error("the following arguments are required: --output_dir")
     # Defaults that differ from transformers': a packed batch is one row; log every step; no trackers.
     for flag, value in _DEFAULT_FLAGS:
-        if flag not in argv and not any(a.startswith(flag + "=") for a in argv):
+        if not _given(argv, flag):
             argv = [*argv, flag, value]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from qwenvl.data import BadSampleError
+    from qwenvl.data import BadSampleError, DataFileError
 
     try:
         metrics = run(model_args, data_args, training_args)
-    except (BadSampleError, FileNotFoundError) as exc:
+    except (Refused, BadSampleError, DataFileError, FileNotFoundError) as exc:
         print(f"qwenvl train: error: {exc}", file=sys.stderr)
         if isinstance(exc, BadSampleError):
             print("qwenvl train: fix the row, or pass --skip_bad_samples to leave bad rows out", file=sys.stderr)
@@ -224,3 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if key in metrics:
             print(f"  {key}: {metrics[key]}")
     return 0
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` is on the command line in either spelling HfArgumentParser accepts (_ or -)."""
+    spellings = {flag, "--" + flag[2:].replace("_", "-")}
+    return any(a.split("=", 1)[0] in spellings for a in argv)
