@@ -150,3 +150,13 @@ def test_videos_without_torchvision_are_refused_by_name(demo):
     index = next(i for i, r in enumerate(rows) if "video" in r)
     with pytest.raises(BadSampleError, match=f"sample {index}: .*torchvision"):
         _dataset("qwen2_5_vl", demo)
+
+
+def test_a_reply_starting_with_whitespace_is_still_found(demo):
+    """A reply that opens with a newline: found, trained on, and the marker's own newline left out. (The fixture
+    BPE keeps "\\n\\n" as two tokens; where a tokenizer merges them, the merged token is trained on.)"""
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\nsee below\n\nok"}]}]
+    ds = _dataset("qwen2_vl", _write(demo, rows))
+    processor, _ = _load("qwen2_vl")
+    trained = processor.tokenizer.decode(ds[0]["labels"][ds[0]["labels"] != -100])
+    assert trained == "\nsee below\n\nok<|im_end|>", repr(trained)
