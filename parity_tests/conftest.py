@@ -114,3 +114,19 @@ def pytest_sessionfinish(session, exitstatus):
         "rows": _aggregate(tolerances.PARITY_ROWS),
     }
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_patch():
+    """Every test starts and ends unpatched; one that leaks a patch fails and is cleaned up after."""
+    from qwenvl.patches import active_patch
+
+    assert active_patch() is None, "a previous test left a patch active"
+    yield
+    applied = active_patch()
+    if applied is not None:
+        import qwenvl.patches
+
+        applied.recorder.undo()
+        qwenvl.patches._ACTIVE = None
+        pytest.fail("the test left a patch active")

@@ -28,19 +28,6 @@ from qwenvl.verify.parity import run_case
 CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_patch():
-    assert active_patch() is None, "a previous test left a patch active"
-    yield
-    applied = active_patch()
-    if applied is not None:
-        import qwenvl.patches
-
-        applied.recorder.undo()
-        qwenvl.patches._ACTIVE = None
-        pytest.fail("the test left a patch active")
-
-
 @st.composite
 def sample_specs(draw, *, max_samples: int = 6, max_text: int = 200):
     """1-6 samples of 1-200 text tokens; some carry an image, at most one a video."""

@@ -23,7 +23,6 @@ import qwenvl
 from qwenvl.families import FAMILIES
 from qwenvl.fixtures import tiny_model
 from qwenvl.packing import VarlenMeta, cu_seqlens_to_position_ids, lengths_to_cu_seqlens
-from qwenvl.patches import active_patch
 from qwenvl.patches._dispatch import packed_meta_from_inputs
 from qwenvl.positions import mm_token_type_ids
 from qwenvl.tolerances import tolerance
@@ -32,19 +31,6 @@ from tolerances import assert_close_by_rule
 
 FAMILY_NAMES = tuple(FAMILIES)
 VISION_TOKENS = (500, 501, 502, 503)  # the tiny configs' vision ids: a generated one would ask for pixels
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_patch():
-    assert active_patch() is None, "a previous test left a patch active"
-    yield
-    applied = active_patch()
-    if applied is not None:
-        import qwenvl.patches
-
-        applied.recorder.undo()
-        qwenvl.patches._ACTIVE = None
-        pytest.fail("the test left a patch active")
 
 
 @pytest.fixture
