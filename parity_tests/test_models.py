@@ -18,8 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qwenvl
+from qwenvl.families import FAMILIES
 from qwenvl.fixtures import FAMILY_NAMES, tiny_model
-from qwenvl.patches import PatchError, UnknownFamilyError, active_patch
+from qwenvl.patches import PatchError, UnknownFamilyError, _linear_mask_targets, active_patch
 from qwenvl.patches._versions import UnsupportedTransformersVersion
 from qwenvl.positions import mm_token_type_ids
 from qwenvl.verify.batches import SampleSpec, make_sample, pack, sample_inputs
@@ -63,6 +64,50 @@ def _assert_case(result):
 def test_packed_equals_each_sample_alone(family, specs, convention, device):
     backend, dtype = _backend_and_dtype(device)
     _assert_case(run_case(family, backend=backend, device=device, dtype=dtype, convention=convention, specs=specs))
+
+
+HYBRID_FAMILIES = [name for name in FAMILY_NAMES if FAMILIES[name].linear_attention]
+
+
+def _linear_backends(device: torch.device) -> list[str]:
+    from qwenvl.patches._linear import fla_available
+
+    return ["segments", "torch"] + (["fla"] if device.type == "cuda" and fla_available() else [])
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+@settings(max_examples=6)
+@given(specs=sample_specs(max_text=150), convention=st.sampled_from(CONVENTIONS), data=st.data())
+@example(specs=[SampleSpec(text=70), SampleSpec(text=1), SampleSpec(text=64)], convention="upstream", data=None)
+def test_linear_attention_restarts_at_every_sample(family, specs, convention, data, device):
+    # Gated DeltaNet layers: the causal conv1d and the delta-rule state must start from zero at each sample, on
+    # every linear backend; samples longer than the 64-token chunk of the delta rule cross chunk boundaries.
+    backend, dtype = _backend_and_dtype(device)
+    linear = data.draw(st.sampled_from(_linear_backends(device))) if data is not None else "torch"
+    result = run_case(family, backend=backend, device=device, dtype=dtype, convention=convention, specs=specs, linear_backend=linear)
+    _assert_case(result)
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_families_mix_samples_without_the_patch(family):
+    # Why the linear-attention layers are patched at all: transformers' own packed form (4-row positions) lets the
+    # conv and the recurrent state run across sample boundaries. If this starts failing, transformers fixed it.
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(3)
+    samples = [make_sample(model.config, SampleSpec(text=n), generator=gen) for n in (9, 14, 6)]
+    batch = pack(model, samples)
+    with torch.no_grad():
+        alone = torch.cat([model(**sample_inputs(model, s)).logits[0] for s in samples])
+        mixed = model(**batch.model_inputs("hf_positions"), use_cache=False).logits[0]
+        with qwenvl.patch(model):
+            packed = model(**batch.model_inputs("hf_positions"), use_cache=False).logits[0]
+    assert (mixed - alone).abs().max() > 1e-2
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_linear_backend_choice_is_checked():
+    with pytest.raises(ValueError, match="unknown linear_backend 'nope'; choose one of: auto, segments, torch, fla"):
+        qwenvl.patch(linear_backend="nope")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -153,6 +198,10 @@ def _targets(spec):
     found += [(module, "eager_attention_forward", module.eager_attention_forward)]
     if spec.aux_loss:
         found.append((module, spec.aux_loss, getattr(module, spec.aux_loss)))
+    if spec.linear_attention:
+        cls = getattr(module, spec.linear_attention)
+        found.append((cls, "forward", cls.__dict__.get("forward")))
+        found += [(owner, attr, _current(owner, attr)) for owner, attr in _linear_mask_targets(spec, module)]
     return found
 
 
@@ -170,7 +219,7 @@ def test_patch_and_revert_by_identity():
 
     from qwenvl.families import FAMILIES
 
-    originals = [t for spec in FAMILIES.values() for t in _targets(spec)]
+    originals = [t for spec in FAMILIES.values() if spec.available() for t in _targets(spec)]
     handle = qwenvl.patch()
     try:
         for owner, name, original in originals:
@@ -236,7 +285,7 @@ def test_unknown_backend():
 def test_unsupported_transformers_version(monkeypatch, version):
     from qwenvl.families import FAMILIES
 
-    originals = [t for spec in FAMILIES.values() for t in _targets(spec)]
+    originals = [t for spec in FAMILIES.values() if spec.available() for t in _targets(spec)]
     from qwenvl.patches import _versions
 
     monkeypatch.setattr(_versions, "installed_version", lambda: version)
@@ -261,7 +310,7 @@ def test_missing_target_never_half_applies(monkeypatch):
     from qwenvl.families import FAMILIES
 
     spec = FAMILIES["qwen3_vl_moe"]
-    originals = [t for s in FAMILIES.values() for t in _targets(s) if s is not spec]
+    originals = [t for s in FAMILIES.values() if s.available() and s is not spec for t in _targets(s)]
     monkeypatch.delattr(spec.import_module(), spec.aux_loss)
     with pytest.raises(PatchError, match=r"(?s)nothing was changed.*load_balancing_loss_func is missing"):
         qwenvl.patch()

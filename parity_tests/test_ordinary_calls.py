@@ -93,6 +93,8 @@ GENERATE_CASES = {
 def test_generate_is_bit_identical_under_the_patch(family, case, varlen_calls):
     attn, prompt_kind, options = GENERATE_CASES[case]
     model = tiny_model(family, attn_implementation=attn)
+    if "assistant_model" in options and getattr(model, "_is_stateful", False):
+        pytest.skip(f"transformers refuses assisted generation for stateful (linear-attention) models such as {family}")
     inputs = _prompt(model, prompt_kind)
     options = {k: (model if v == "self" else v) for k, v in options.items()}
     kwargs = {

@@ -109,7 +109,19 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
                 if why is not None:
                     skipped.append({"backend": name, "device": device, "reason": why})
 
+    import transformers
+
+    version = transformers.__version__
     families = list(dict.fromkeys(args.family or FAMILIES))
+    for family in families:
+        spec = FAMILIES[family]
+        if spec.available(version):
+            continue
+        why = f"transformers {version} has no {family} (from {spec.min_transformers})"
+        if args.family:
+            parser.error(f"argument --family: {why}; available here: {', '.join(f for f in FAMILIES if FAMILIES[f].available(version))}")
+        skipped.append({"family": family, "reason": why})
+    families = [f for f in families if FAMILIES[f].available(version)]
     conventions = list(dict.fromkeys(args.convention or CONVENTIONS))
     cases = [
         (family, backend, device, dtype, convention)
@@ -141,7 +153,9 @@ def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
 def _skip_line(skipped: list[dict]) -> str:
     parts = []
     for entry in skipped:
-        if "backend" in entry:
+        if "family" in entry:
+            parts.append(f"family {entry['family']} ({entry['reason']})")
+        elif "backend" in entry:
             parts.append(f"{entry['backend']} on {entry['device']} ({entry['reason']})")
         else:
             parts.append(f"device {entry['device']} ({entry['reason']})")

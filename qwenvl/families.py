@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["FamilySpec", "FAMILIES", "get_family", "family_of_model", "UnknownFamilyError"]
+__all__ = ["FamilySpec", "FAMILIES", "available_families", "get_family", "family_of_model", "UnknownFamilyError"]
 
 
 class UnknownFamilyError(ValueError):
@@ -44,6 +44,14 @@ class FamilySpec:
             ``"out_hidden_size"`` from Qwen2.5-VL on).
         deepstack_mergers: the vision-tower attribute holding the deepstack mergers (extra projectors feeding
             intermediate vision features to early decoder layers; optimizer component "projector"), or ``None``.
+        min_transformers: the first transformers release that has the family (checked when patching; a release
+            without it skips it when every family is patched, and refuses it when it is asked for by name).
+        linear_attention: the linear-attention (Gated DeltaNet) token mixer class of a hybrid family, or ``None``.
+            Its ``forward`` is wrapped so that the causal conv1d and the recurrent state restart at every sample
+            (``qwenvl.patches._linear``).
+        linear_attention_masks: what builds the mask the linear-attention layers receive, as alternatives across
+            releases (a module global, or ``Class.method`` of the modeling module); the first one the installed
+            release has is patched to let the packed metadata through.
         video_group_spans: whether each temporal group of a video gets its own
             ``<vision_start> <video>... <vision_end>`` span behind a timestamp (Qwen3-VL's processor), rather than
             one span for the whole video::
@@ -64,6 +72,9 @@ class FamilySpec:
     merger_width_key: str = "hidden_size"
     deepstack_mergers: str | None = None
     video_group_spans: bool = False
+    min_transformers: str = "4.57.0"
+    linear_attention: str | None = None
+    linear_attention_masks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.fixture:
@@ -71,6 +82,16 @@ class FamilySpec:
 
     def import_module(self) -> ModuleType:
         return importlib.import_module(self.module)
+
+    def available(self, version: str | None = None) -> bool:
+        """Whether the installed (or given) transformers release has this family."""
+        from packaging.version import Version
+
+        if version is None:
+            import transformers
+
+            version = transformers.__version__
+        return Version(Version(version).base_version) >= Version(self.min_transformers)
 
 
 def _registry(*specs: FamilySpec) -> dict[str, FamilySpec]:
@@ -125,7 +146,41 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         deepstack_mergers="deepstack_merger_list",
         video_group_spans=True,
     ),
+    FamilySpec(
+        name="qwen3_5",
+        module="transformers.models.qwen3_5.modeling_qwen3_5",
+        config_class="Qwen3_5Config",
+        entry_classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
+        text_attention="Qwen3_5Attention",
+        vision_attention="Qwen3_5VisionAttention",
+        mask_builders=("create_causal_mask",),
+        merger_width_key="out_hidden_size",
+        video_group_spans=True,
+        min_transformers="5.2.0",
+        linear_attention="Qwen3_5GatedDeltaNet",
+        linear_attention_masks=("create_recurrent_attention_mask", "Qwen3_5TextModel._update_linear_attn_mask"),
+    ),
+    FamilySpec(
+        name="qwen3_5_moe",
+        module="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+        config_class="Qwen3_5MoeConfig",
+        entry_classes=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
+        text_attention="Qwen3_5MoeAttention",
+        vision_attention="Qwen3_5MoeVisionAttention",
+        mask_builders=("create_causal_mask",),
+        aux_loss="load_balancing_loss_func",
+        merger_width_key="out_hidden_size",
+        video_group_spans=True,
+        min_transformers="5.2.0",
+        linear_attention="Qwen3_5MoeGatedDeltaNet",
+        linear_attention_masks=("create_recurrent_attention_mask", "Qwen3_5MoeTextModel._update_linear_attn_mask"),
+    ),
 )
+
+
+def available_families(version: str | None = None) -> tuple[str, ...]:
+    """The families the installed (or given) transformers release has, in registry order."""
+    return tuple(name for name, spec in FAMILIES.items() if spec.available(version))
 
 
 def get_family(name: str) -> FamilySpec:

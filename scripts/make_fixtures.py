@@ -415,6 +415,8 @@ PROCESSORS = {
     "Qwen2_5_VLConfig": ("Qwen2_5_VLProcessor", CLIP_MEAN, CLIP_STD, QWEN2_TEMPLATE, "Qwen2VLVideoProcessor"),
     "Qwen3VLConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
     "Qwen3VLMoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
+    "Qwen3_5Config": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
+    "Qwen3_5MoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
 }
 
 

@@ -28,7 +28,7 @@ import logging
 from typing import Iterable
 
 from qwenvl.families import FAMILIES, FamilySpec, UnknownFamilyError, family_of_model, get_family
-from qwenvl.patches import _dispatch
+from qwenvl.patches import _dispatch, _linear
 from qwenvl.patches._handle import MISSING, PatchRecorder
 from qwenvl.patches._versions import check_transformers_version
 
@@ -147,6 +147,14 @@ def _check_family(spec: FamilySpec) -> list[str]:
             problems.append(f"{spec.module}.{cls_name} is missing")
         elif "ALL_ATTENTION_FUNCTIONS" not in _source(cls.forward):
             problems.append(f"{cls_name}.forward no longer resolves its attention through ALL_ATTENTION_FUNCTIONS")
+    if spec.linear_attention is not None:
+        cls = getattr(module, spec.linear_attention, None)
+        if cls is None:
+            problems.append(f"{spec.module}.{spec.linear_attention} is missing")
+        elif "hidden_states" not in inspect.signature(cls.forward).parameters:
+            problems.append(f"{spec.linear_attention}.forward has no 'hidden_states' parameter")
+        if not _linear_mask_targets(spec, module):
+            problems.append(f"none of {', '.join(spec.linear_attention_masks)} exists in {spec.module}")
     if spec.aux_loss is not None:
         fn = getattr(module, spec.aux_loss, None)
         if fn is None:
@@ -154,6 +162,17 @@ def _check_family(spec: FamilySpec) -> list[str]:
         elif "attention_mask" not in inspect.signature(fn).parameters:
             problems.append(f"{spec.aux_loss} has no attention_mask parameter")
     return problems
+
+
+def _linear_mask_targets(spec: FamilySpec, module) -> list[tuple[object, str]]:
+    """(owner, attribute) of every linear-attention mask builder the installed release has."""
+    targets = []
+    for name in spec.linear_attention_masks:
+        owner_name, _, attr = name.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module
+        if owner is not None and callable(getattr(owner, attr, None)):
+            targets.append((owner, attr))
+    return targets
 
 
 def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.PatchState) -> None:
@@ -169,6 +188,12 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
     recorder.setattr(module, "eager_attention_forward", _dispatch.dispatcher(module.eager_attention_forward, state))
     if spec.aux_loss is not None:
         recorder.setattr(module, spec.aux_loss, _dispatch.aux_loss(getattr(module, spec.aux_loss)))
+    if spec.linear_attention is not None:
+        cls = getattr(module, spec.linear_attention)
+        recorder.setattr(cls, "forward", _linear.linear_forward(cls.forward, state))
+        for owner, attr in _linear_mask_targets(spec, module):
+            # A method is wrapped on its class: the wrapper receives ``self`` among the arguments it passes on.
+            recorder.setattr(owner, attr, _dispatch.mask_builder(getattr(owner, attr)))
 
 
 def _register_implementation(recorder: PatchRecorder) -> None:
@@ -208,14 +233,24 @@ def _route_vision(model, recorder: PatchRecorder) -> None:
     recorder.setattr(vision_config, "_attn_implementation", wanted)
 
 
-def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None = None) -> PatchHandle:
+def patch(
+    model=None,
+    *,
+    backend: str = "auto",
+    families: Iterable[str] | None = None,
+    linear_backend: str = "auto",
+) -> PatchHandle:
     """Patch the Qwen-VL families for packed batches and return the handle (also a context manager).
 
     Args:
         model: optional model instance (or PEFT wrapper). Its family is patched (an unknown family raises
             ``UnknownFamilyError``) and its vision tower is routed to the varlen core.
         backend: the varlen backend, see ``qwenvl.attention.available_backends`` ("auto" picks per call).
-        families: restrict to these family names (default: all supported, or the model's).
+        families: restrict to these family names (default: every supported family the installed transformers
+            has, or the model's). A family the release lacks is refused when named.
+        linear_backend: how hybrid families' linear-attention layers run packed rows: "auto" (flash-linear-attention
+            on CUDA when installed, else "segments"), "segments" (each sample through the original layer), "fla",
+            or "torch" (see ``qwenvl.patches._linear``).
 
     Calling it again while a patch is active returns another handle on the same patch (patching twice is
     harmless, and the patch stays until every handle is reverted); asking for a different backend or more
@@ -226,6 +261,10 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
 
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    if linear_backend != "auto" and linear_backend not in _linear.LINEAR_BACKENDS:
+        raise ValueError(
+            f"unknown linear_backend {linear_backend!r}; choose one of: auto, {', '.join(_linear.LINEAR_BACKENDS)}"
+        )
     version = check_transformers_version()
 
     if model is not None:
@@ -233,14 +272,21 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
     elif families is not None:
         specs = [get_family(name) for name in families]
     else:
-        specs = list(FAMILIES.values())
+        specs = [spec for spec in FAMILIES.values() if spec.available(str(version))]
+    lacking = [f"{s.name} (from {s.min_transformers})" for s in specs if not s.available(str(version))]
+    if lacking:
+        raise PatchError(f"transformers {version} has no {', '.join(lacking)}; nothing was changed")
 
     if _ACTIVE is not None:
-        if _ACTIVE.state.backend != backend:
-            raise ValueError(
-                f"a qwenvl patch with backend {_ACTIVE.state.backend!r} is already active; revert it before "
-                f"patching with backend {backend!r}"
-            )
+        for what, active, asked in (
+            ("backend", _ACTIVE.state.backend, backend),
+            ("linear_backend", _ACTIVE.state.linear_backend, linear_backend),
+        ):
+            if active != asked:
+                raise ValueError(
+                    f"a qwenvl patch with {what} {active!r} is already active; revert it before patching with "
+                    f"{what} {asked!r}"
+                )
         missing = [s.name for s in specs if s.name not in _ACTIVE.families]
         if missing:
             raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
@@ -255,7 +301,7 @@ def patch(model=None, *, backend: str = "auto", families: Iterable[str] | None =
             f"cannot patch on transformers {version} (nothing was changed):\n  " + "\n  ".join(problems)
         )
 
-    state = _dispatch.PatchState(backend=backend)
+    state = _dispatch.PatchState(backend=backend, linear_backend=linear_backend)
     recorder, own = PatchRecorder(), PatchRecorder()
     try:
         _register_implementation(recorder)

@@ -41,6 +41,8 @@ class PatchState:
     """What the wrappers read at call time (one object per active patch)."""
 
     backend: str = "auto"
+    # Linear-attention layers (Gated DeltaNet) of hybrid families: see qwenvl.patches._linear.
+    linear_backend: str = "auto"
     # Vision encoders pass the same cu_seqlens tensor to every block: remember its metadata so validating
     # it costs one host sync per vision forward, not one per block.
     _vision_cache: list[tuple[torch.Tensor, VarlenMeta]] = field(default_factory=list)
