@@ -52,12 +52,15 @@ class VarlenMeta(NamedTuple):
         max_seqlen: the longest segment, a Python int (what the kernels need on the host).
         num_segments: ``S``, zero-length segments included.
         offsets: the same boundaries as a host tuple, so per-segment backends never sync with the device.
+        host_cu_seqlens: the same boundaries as an int64 CPU tensor: what a compiled region reads (a tensor is
+            a graph input; the ints above would be baked into the graph and recompile it for every batch).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     num_segments: int
     offsets: tuple[int, ...]
+    host_cu_seqlens: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -117,7 +120,13 @@ class VarlenMeta(NamedTuple):
     @classmethod
     def _build(cls, cu_seqlens: torch.Tensor, offsets: tuple[int, ...]) -> "VarlenMeta":
         lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-        return cls(cu_seqlens=cu_seqlens, max_seqlen=max(lengths, default=0), num_segments=len(lengths), offsets=offsets)
+        return cls(
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(lengths, default=0),
+            num_segments=len(lengths),
+            offsets=offsets,
+            host_cu_seqlens=torch.tensor(offsets, dtype=torch.int64),
+        )
 
     def lengths(self) -> list[int]:
         return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]

@@ -233,12 +233,20 @@ def _route_vision(model, recorder: PatchRecorder) -> None:
     recorder.setattr(vision_config, "_attn_implementation", wanted)
 
 
+def _compile_model(model, recorder: PatchRecorder) -> None:
+    from qwenvl.patches._compile import compile_regions
+
+    count = compile_regions(model, recorder, linear_class=family_of_model(model).linear_attention)
+    logger.info("qwenvl: compiled %d regions of %s", count, type(model).__name__)
+
+
 def patch(
     model=None,
     *,
     backend: str = "auto",
     families: Iterable[str] | None = None,
     linear_backend: str = "auto",
+    compile: bool = False,
 ) -> PatchHandle:
     """Patch the Qwen-VL families for packed batches and return the handle (also a context manager).
 
@@ -251,6 +259,8 @@ def patch(
         linear_backend: how hybrid families' linear-attention layers run packed rows: "auto" (flash-linear-attention
             on CUDA when installed, else "segments"), "segments" (each sample through the original layer), "fla",
             or "torch" (see ``qwenvl.patches._linear``).
+        compile: compile each decoder layer and vision block of ``model`` on its own (regional compilation,
+            ``qwenvl.patches._compile``); needs ``model``. Reverting restores the eager forwards.
 
     Calling it again while a patch is active returns another handle on the same patch (patching twice is
     harmless, and the patch stays until every handle is reverted); asking for a different backend or more
@@ -265,6 +275,8 @@ def patch(
         raise ValueError(
             f"unknown linear_backend {linear_backend!r}; choose one of: auto, {', '.join(_linear.LINEAR_BACKENDS)}"
         )
+    if compile and model is None:
+        raise ValueError("compile=True compiles a model's layers: pass the model, qwenvl.patch(model, compile=True)")
     version = check_transformers_version()
 
     if model is not None:
@@ -291,8 +303,14 @@ def patch(
         if missing:
             raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
         own = PatchRecorder()
-        if model is not None:
-            _route_vision(model, own)
+        try:
+            if model is not None:
+                _route_vision(model, own)
+                if compile:
+                    _compile_model(model, own)
+        except BaseException:
+            own.undo()
+            raise
         return PatchHandle(_ACTIVE, own)
 
     problems = [f"{spec.name}: {p}" for spec in specs for p in _check_family(spec)]
@@ -309,6 +327,8 @@ def patch(
             _apply_family(spec, recorder, state)
         if model is not None:
             _route_vision(model, own)
+            if compile:
+                _compile_model(model, own)
     except BaseException:
         own.undo()
         recorder.undo()

@@ -296,15 +296,29 @@ def _compute_dtype(module, query: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _varlen(module, query_BNLH, key_BKLH, value_BKLH, meta: VarlenMeta, *, causal, scaling, dropout, window, softcap, state):
+def _varlen(module, query_BNLH, key_BKLH, value_BKLH, meta, *, causal, scaling, dropout, window, softcap, state):
+    """``meta``: a ``VarlenMeta``, or inside a compiled region the ``(cu_seqlens, host copy or None)`` tensors."""
     B, N, L, H = query_BNLH.shape
+    q_TNH = query_BNLH.transpose(1, 2).reshape(B * L, N, H)
+    k_TKH = key_BKLH.transpose(1, 2).reshape(B * L, key_BKLH.shape[1], H)
+    v_TKH = value_BKLH.transpose(1, 2).reshape(B * L, value_BKLH.shape[1], value_BKLH.shape[-1])
+    if torch.compiler.is_compiling() and not dropout:
+        # (With attention dropout the eager path below is traced instead: the operator's recomputing backward
+        # would draw another mask. Qwen-VL configs train with attention_dropout 0.)
+        # Tensors only: the host ints of a VarlenMeta would become graph constants (a recompile per batch). The
+        # entry wrapper, outside the compiled region, has already checked the boundaries against the batch.
+        from qwenvl.attention._compiled import compiled_varlen_attention
+
+        cu_seqlens, host_cu = (meta.cu_seqlens, meta.host_cu_seqlens) if isinstance(meta, VarlenMeta) else meta
+        out_TNH = compiled_varlen_attention(
+            q_TNH, k_TKH, v_TKH, cu_seqlens, host_cu, causal=causal, scale=scaling, dropout_p=dropout,
+            window=window, softcap=softcap, backend=state.backend, compute_dtype=_compute_dtype(module, query_BNLH),
+        )
+        return out_TNH.reshape(B, L, N, out_TNH.shape[-1]), None
     if key_BKLH.shape[2] != L:
         raise ValueError(f"packed attention needs as many keys as queries, got {key_BKLH.shape[2]} keys for {L} queries")
     if meta.total != B * L:
         raise ValueError(f"cu_seqlens must end at the total token count {B * L}, but its last value is {meta.total}")
-    q_TNH = query_BNLH.transpose(1, 2).reshape(B * L, N, H)
-    k_TKH = key_BKLH.transpose(1, 2).reshape(B * L, key_BKLH.shape[1], H)
-    v_TKH = value_BKLH.transpose(1, 2).reshape(B * L, value_BKLH.shape[1], value_BKLH.shape[-1])
     out_TNH = varlen_attention(
         q_TNH,
         k_TKH,
@@ -346,7 +360,7 @@ def dispatcher(fallback: Callable, state: PatchState) -> Callable:
         cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is not None and not getattr(module, "is_causal", True) and attention_mask is None:
             # A vision encoder on its flash path: one varlen call over its own (window) cu_seqlens.
-            meta = state.vision_meta(cu_seqlens)
+            meta = (cu_seqlens, None) if torch.compiler.is_compiling() else state.vision_meta(cu_seqlens)
             return _varlen(
                 module,
                 query,
@@ -385,6 +399,9 @@ class DispatchingAttentionFunctions:
         self._cache: dict[int, Callable] = {}
 
     def _wrap(self, fn: Callable) -> Callable:
+        if torch.compiler.is_compiling():
+            # Traced: a fresh wrapper is free, while reading or filling the cache would guard the graph on it.
+            return dispatcher(fn, self._state)
         wrapped = self._cache.get(id(fn))
         if wrapped is None or getattr(wrapped, _WRAPPED, None) is not fn:
             wrapped = dispatcher(fn, self._state)

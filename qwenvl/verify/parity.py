@@ -74,11 +74,11 @@ def _alone(model, samples: Sequence[Sample], weights: torch.Tensor, device):
     return torch.cat(logits), grads
 
 
-def _packed(model, batch, weights: torch.Tensor, convention: str, backend: str, device, linear_backend: str):
+def _packed(model, batch, weights: torch.Tensor, convention: str, backend: str, device, linear_backend: str, compile: bool):
     import qwenvl
 
     model.zero_grad(set_to_none=True)
-    with qwenvl.patch(model, backend=backend, linear_backend=linear_backend):
+    with qwenvl.patch(model, backend=backend, linear_backend=linear_backend, compile=compile):
         out = model(**batch.to(device).model_inputs(convention)).logits[0]
         (out * weights.to(out.dtype)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -97,6 +97,7 @@ def run_case(
     attn_implementation: str = "sdpa",
     model_overrides: dict | None = None,
     linear_backend: str = "auto",
+    compile: bool = False,
 ) -> CaseResult:
     from qwenvl.fixtures import tiny_model
     from qwenvl.patches import active_patch
@@ -121,7 +122,7 @@ def run_case(
 
     ref_logits, ref_grads = run_alone(ref_model)
     pt_logits, pt_grads = run_alone(model)
-    logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device, linear_backend)
+    logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device, linear_backend, compile)
 
     tol = tolerance(device, dtype)
     logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)

@@ -1,0 +1,77 @@
+"""Regional compilation (``qwenvl.patch(model, compile=True)``): exact, reversible, and compiled once.
+
+Each decoder layer and vision block is compiled on its own with the packed token dimension dynamic, and the
+varlen attention inside runs as one opaque operator (``qwenvl.attention._compiled``). These tests run the
+compiler on CPU (inductor's C++ backend); the GPU suite runs them again on CUDA with the torch varlen kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwenvl
+from qwenvl.fixtures import tiny_model
+from qwenvl.patches._compile import compile_stats
+from qwenvl.verify.batches import SampleSpec, make_sample, pack, sample_inputs
+from qwenvl.verify.parity import DEFAULT_SPECS, run_case
+
+pytestmark = pytest.mark.slow
+
+
+def _backend_and_dtype(device):
+    return ("sdpa", torch.float32) if device.type == "cpu" else ("torch", torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_compiled_packed_equals_each_sample_alone(family, device):
+    # qwen2_5_vl: window and full vision blocks; qwen3_vl: deepstack; qwen3_5: its Gated DeltaNet layers stay eager.
+    backend, dtype = _backend_and_dtype(device)
+    specs = DEFAULT_SPECS if device.type == "cuda" else [s for s in DEFAULT_SPECS if s.video is None]
+    result = run_case(family, backend=backend, device=device, dtype=dtype, specs=specs, compile=True)
+    assert result.passed, result
+
+
+BATCHES = [
+    [SampleSpec(9, image=(4, 4)), SampleSpec(23)],
+    [SampleSpec(5), SampleSpec(12, image=(2, 6)), SampleSpec(3)],
+    [SampleSpec(40), SampleSpec(7, image=(4, 2))],
+    [SampleSpec(17, image=(2, 2)), SampleSpec(1), SampleSpec(30), SampleSpec(8)],
+    # after the warm-up above: other lengths, other sample counts, other image grids
+    [SampleSpec(11), SampleSpec(13, image=(6, 4))],
+    [SampleSpec(29, image=(2, 4)), SampleSpec(2), SampleSpec(6), SampleSpec(9), SampleSpec(15)],
+    [SampleSpec(64, image=(4, 6))],
+    [SampleSpec(3), SampleSpec(4, image=(2, 2)), SampleSpec(21, image=(4, 4))],
+]
+WARM_UP = 4
+
+
+def test_varied_batches_do_not_recompile(device):
+    # The graphs are made during the first few batches (automatic dynamic shapes settle on symbolic token counts
+    # and segment counts); after that, no batch compiles again however its lengths and packing differ.
+    model = tiny_model("qwen2_5_vl").to(device)
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    with qwenvl.patch(model, compile=True):
+        for specs in BATCHES:
+            batch = pack(model, [make_sample(model.config, s, generator=gen) for s in specs]).to(device)
+            model(**batch.model_inputs(), use_cache=False).logits.sum().backward()
+            graphs.append(compile_stats()["graphs"])
+    assert graphs[WARM_UP - 1] > 0, graphs
+    assert graphs[WARM_UP:] == [graphs[WARM_UP - 1]] * (len(BATCHES) - WARM_UP), f"graphs after each batch: {graphs}"
+
+
+def test_compile_is_reverted_with_the_patch():
+    model = tiny_model("qwen2_vl")
+    regions = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    with qwenvl.patch(model, compile=True):
+        assert regions and all("forward" in m.__dict__ for m in regions)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    ids = torch.randint(3, 400, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("qwen2_vl")(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_compile_needs_a_model():
+    with pytest.raises(ValueError, match=r"compile=True compiles a model's layers: pass the model"):
+        qwenvl.patch(compile=True)

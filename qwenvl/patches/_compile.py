@@ -1,0 +1,95 @@
+"""Regional compilation: each decoder layer and each vision block compiled on its own (``patch(model, compile=True)``).
+
+Why regions: a whole Qwen-VL forward has data-dependent control flow (image placement, mrope positions) that
+breaks graphs and recompiles; one decoder layer or vision block is a fixed sequence of matmuls, norms, rope and
+one attention call, the same for every layer, so it compiles once and the many small elementwise ops fuse.
+
+The regions are the model's ``_no_split_modules`` classes (transformers lists exactly the decoder layer and the
+vision block there). A layer holding a linear-attention mixer (Qwen3.5's Gated DeltaNet) is left eager: its
+per-sample path loops over the boundaries. Every region's ``forward`` becomes::
+
+    mark the packed token dimension of its tensor inputs dynamic  ->  torch.compile(original forward)
+
+so the first batch compiles a graph whose token count is symbolic and later batches of other lengths and
+other packings reuse it (``compile_stats`` counts the graphs). Inside, attention goes through the opaque
+operator of ``qwenvl.attention._compiled`` (the dispatcher switches when ``torch.compiler.is_compiling()``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qwenvl.packing import VarlenMeta
+
+__all__ = ["compile_regions", "compile_stats", "CompileStats"]
+
+
+class CompileStats(dict):
+    """``graphs``: graphs dynamo has compiled in this process so far; ``recompiles``: recompilations."""
+
+
+def compile_stats() -> CompileStats:
+    from torch._dynamo.utils import counters
+
+    return CompileStats(
+        graphs=int(counters["stats"]["unique_graphs"]),
+        recompiles=int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+    )
+
+
+def _regions(model, linear_class: str | None) -> list[torch.nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "get_base_model", None)
+    if base is not None:
+        names |= set(getattr(base(), "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(model).__name__} lists no _no_split_modules: no regions to compile")
+    regions = []
+    for module in model.modules():
+        if type(module).__name__ not in names:
+            continue
+        if linear_class is not None and any(type(m).__name__ == linear_class for m in module.modules()):
+            continue
+        regions.append(module)
+    return regions
+
+
+def _mark_token_dims(tokens: int, values) -> None:
+    for value in values:
+        if isinstance(value, VarlenMeta):
+            _mark_token_dims(tokens, (value.cu_seqlens, value.host_cu_seqlens))
+        elif isinstance(value, (tuple, list)):
+            _mark_token_dims(tokens, value)
+        elif isinstance(value, torch.Tensor):
+            if value.ndim == 1 and not value.dtype.is_floating_point:
+                torch._dynamo.maybe_mark_dynamic(value, 0)  # boundaries: one more per sample
+                continue
+            for dim, size in enumerate(value.shape):
+                if size == tokens:
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+
+
+def _region_forward(compiled, original):
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
+            _mark_token_dims(hidden.shape[-2], (*args, *kwargs.values()))
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
+def compile_regions(model, recorder, *, linear_class: str | None = None, mode: str | None = None) -> int:
+    """Compile each region of ``model`` in place (recorded in ``recorder`` for undo); returns how many."""
+    regions = _regions(model, linear_class)
+    for module in regions:
+        original = module.forward
+        compiled = torch.compile(original, mode=mode)
+        if "forward" in module.__dict__:
+            raise ValueError(f"{type(module).__name__} already has its own forward (compiled twice?)")
+        module.forward = _region_forward(compiled, original)
+        recorder.add_undo(functools.partial(module.__dict__.pop, "forward"))
+    return len(regions)
