@@ -233,11 +233,19 @@ def _route_vision(model, recorder: PatchRecorder) -> None:
     recorder.setattr(vision_config, "_attn_implementation", wanted)
 
 
-def _compile_model(model, recorder: PatchRecorder) -> None:
-    from qwenvl.patches._compile import compile_regions
+def _per_model(model, recorder: PatchRecorder, *, compile: bool, fused_cross_entropy: bool) -> None:
+    """What a patch changes on one model instance: its vision routing, compiled regions, fused loss."""
+    spec = family_of_model(model)
+    _route_vision(model, recorder)
+    if fused_cross_entropy:
+        from qwenvl.patches._loss import install_fused_loss
 
-    count = compile_regions(model, recorder, linear_class=family_of_model(model).linear_attention)
-    logger.info("qwenvl: compiled %d regions of %s", count, type(model).__name__)
+        install_fused_loss(model, recorder, aux_coef_key="router_aux_loss_coef" if spec.aux_loss else None)
+    if compile:
+        from qwenvl.patches._compile import compile_regions
+
+        count = compile_regions(model, recorder, linear_class=spec.linear_attention)
+        logger.info("qwenvl: compiled %d regions of %s", count, type(model).__name__)
 
 
 def patch(
@@ -247,6 +255,7 @@ def patch(
     families: Iterable[str] | None = None,
     linear_backend: str = "auto",
     compile: bool = False,
+    fused_cross_entropy: bool = False,
 ) -> PatchHandle:
     """Patch the Qwen-VL families for packed batches and return the handle (also a context manager).
 
@@ -261,6 +270,9 @@ def patch(
             or "torch" (see ``qwenvl.patches._linear``).
         compile: compile each decoder layer and vision block of ``model`` on its own (regional compilation,
             ``qwenvl.patches._compile``); needs ``model``. Reverting restores the eager forwards.
+        fused_cross_entropy: in training with labels, compute ``model``'s loss from the final hidden states and
+            ``lm_head.weight`` without the logits (Liger-Kernel on CUDA, the plain torch loss on CPU;
+            ``qwenvl.patches._loss``); needs ``model``. Sample boundaries of packed rows are never crossed.
 
     Calling it again while a patch is active returns another handle on the same patch (patching twice is
     harmless, and the patch stays until every handle is reverted); asking for a different backend or more
@@ -277,6 +289,10 @@ def patch(
         )
     if compile and model is None:
         raise ValueError("compile=True compiles a model's layers: pass the model, qwenvl.patch(model, compile=True)")
+    if fused_cross_entropy and model is None:
+        raise ValueError(
+            "fused_cross_entropy=True replaces a model's loss: pass the model, qwenvl.patch(model, fused_cross_entropy=True)"
+        )
     version = check_transformers_version()
 
     if model is not None:
@@ -305,9 +321,7 @@ def patch(
         own = PatchRecorder()
         try:
             if model is not None:
-                _route_vision(model, own)
-                if compile:
-                    _compile_model(model, own)
+                _per_model(model, own, compile=compile, fused_cross_entropy=fused_cross_entropy)
         except BaseException:
             own.undo()
             raise
@@ -326,9 +340,7 @@ def patch(
         for spec in specs:
             _apply_family(spec, recorder, state)
         if model is not None:
-            _route_vision(model, own)
-            if compile:
-                _compile_model(model, own)
+            _per_model(model, own, compile=compile, fused_cross_entropy=fused_cross_entropy)
     except BaseException:
         own.undo()
         recorder.undo()
