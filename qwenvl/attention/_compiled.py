@@ -76,7 +76,9 @@ def _op(
     backend: str,
     compute_dtype: str,
 ) -> torch.Tensor:
-    return _eager(q, k, v, cu_seqlens, host_cu, causal, scale, window_left, window_right, softcap, backend, compute_dtype)
+    # Contiguous, as the fake kernel promises (the compiler plans the strides of what follows from it).
+    out = _eager(q, k, v, cu_seqlens, host_cu, causal, scale, window_left, window_right, softcap, backend, compute_dtype)
+    return out.contiguous()
 
 
 @_op.register_fake
@@ -101,16 +103,18 @@ def _op_backward(
     compute_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     options = (cu_seqlens, host_cu, causal, scale, window_left, window_right, softcap, backend, compute_dtype)
-    # A custom operator's body runs below the autograd dispatch keys, so torch.autograd cannot record it;
-    # torch.func's vjp carries its own autograd level and can.
-    _, vjp = torch.func.vjp(lambda q_, k_, v_: _eager(q_, k_, v_, *options), q, k, v)
-    dq, dk, dv = vjp(grad)
-    return dq, dk, dv
+    # A custom operator's body runs with the autograd dispatch keys excluded; lift that for the recomputation
+    # (torch.func's vjp would not do: torch's own varlen kernel is an autograd.Function without setup_context).
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = _eager(*leaves, *options)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_op_backward.register_fake
 def _(grad, q, k, v, cu_seqlens, host_cu, causal, scale, window_left, window_right, softcap, backend, compute_dtype):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,7 +11,10 @@ them only on some releases), so once patched the layer's ``forward`` is wrapped:
 original; a call whose mask is a ``VarlenMeta`` runs one of three paths (``linear_backend``):
 
     segments   the original forward once per sample, cache off: each sample computes exactly what it computes
-               alone, on any device and release (the default without flash-linear-attention).
+               alone, on any device and release (the default on CPU without flash-linear-attention).
+    batched    the original forward once over the samples as rows of a right-padded batch: the conv and the
+               delta rule are causal, so the padding after a sample never reaches it. One call instead of one
+               per sample (the default on CUDA when fla cannot run the call); the same maths, batched.
     fla        our glue around flash-linear-attention's varlen Triton kernels (``causal_conv1d`` and
                ``chunk_gated_delta_rule``, both given ``cu_seqlens``): one call per layer (CUDA only).
     torch      the same glue with pure-torch kernels run per segment (the modeling module's own
@@ -34,9 +37,9 @@ import torch.nn.functional as F
 
 from qwenvl.packing import VarlenMeta
 
-__all__ = ["LINEAR_BACKENDS", "GLUE_ATTRIBUTES", "linear_forward", "resolve_linear_backend", "fla_available"]
+__all__ = ["LINEAR_BACKENDS", "GLUE_ATTRIBUTES", "linear_forward", "resolve_linear_backend", "fla_available", "fla_problem"]
 
-LINEAR_BACKENDS = ("segments", "torch", "fla")
+LINEAR_BACKENDS = ("segments", "batched", "torch", "fla")
 GLUE_ATTRIBUTES = (
     "in_proj_qkv",
     "in_proj_z",
@@ -63,14 +66,40 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def resolve_linear_backend(requested: str, device: torch.device) -> str:
-    """``auto``: flash-linear-attention's kernels on CUDA when installed, else the exact per-sample path."""
+def fla_problem(device: torch.device, *, backward: bool) -> str | None:
+    """Why flash-linear-attention's kernels cannot run this call, or ``None``.
+
+    fla 0.6 refuses its gated delta-rule backward on Hopper GPUs with Triton 3.4 to 3.7.0 (wrong results there,
+    fla issue #640) unless tilelang is installed; torch 2.11 ships Triton 3.6. The forward is unaffected.
+    """
+    if device.type != "cuda":
+        return f"its Triton kernels run on CUDA only, got tensors on {device}"
+    if not fla_available():
+        return "flash-linear-attention is not installed (pip install 'qwenvl[linear]')"
+    if backward and importlib.util.find_spec("tilelang") is None:
+        import triton
+        from packaging.version import Version
+
+        triton_version = Version(Version(triton.__version__).base_version)
+        hopper = torch.cuda.get_device_capability(device)[0] == 9
+        if hopper and Version("3.4.0") <= triton_version < Version("3.7.1"):
+            return (
+                f"fla refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (3.4 to 3.7.0 "
+                "give wrong results, fla issue #640): upgrade Triton to 3.7.1 or install tilelang"
+            )
+    return None
+
+
+def resolve_linear_backend(requested: str, device: torch.device, *, backward: bool = False) -> str:
+    """``auto``: flash-linear-attention's kernels where they can run this call, else the exact per-sample path."""
     if requested == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "segments"
-    if requested == "fla" and device.type != "cuda":
-        raise ValueError(f"linear_backend='fla' runs Triton kernels on CUDA only, got tensors on {device}")
-    if requested == "fla" and not fla_available():
-        raise ValueError("linear_backend='fla' needs flash-linear-attention: pip install fla-core flash-linear-attention")
+        if fla_problem(device, backward=backward) is None:
+            return "fla"
+        return "batched" if device.type == "cuda" else "segments"
+    if requested == "fla":
+        problem = fla_problem(device, backward=backward)
+        if problem is not None:
+            raise ValueError(f"linear_backend='fla' cannot run here: {problem}")
     return requested
 
 
@@ -84,9 +113,12 @@ def linear_forward(original: Callable, state) -> Callable:
             meta = next((a for a in args if isinstance(a, VarlenMeta)), None)
             if meta is None:
                 return original(self, hidden_states, *args, **kwargs)
-        backend = resolve_linear_backend(state.linear_backend, hidden_states.device)
+        backward = torch.is_grad_enabled() and hidden_states.requires_grad
+        backend = resolve_linear_backend(state.linear_backend, hidden_states.device, backward=backward)
         if backend == "segments":
             return _segments(original, self, hidden_states, meta, args, kwargs)
+        if backend == "batched":
+            return _batched(original, self, hidden_states, meta, args, kwargs)
         kernels = _FLA if backend == "fla" else _TorchKernels(self)
         return _glue(self, hidden_states, meta, kernels)
 
@@ -115,6 +147,23 @@ def _segments(original, module, hidden_BLD: torch.Tensor, meta: VarlenMeta, args
         if end > start
     ]
     return torch.cat(pieces, dim=1).reshape(B, L, -1)
+
+
+def _batched(original, module, hidden_BLD: torch.Tensor, meta: VarlenMeta, args, kwargs) -> torch.Tensor:
+    B, L, D = hidden_BLD.shape
+    args, kwargs = _without_state(args, kwargs)
+    bounds = [(start, end) for start, end in zip(meta.offsets[:-1], meta.offsets[1:]) if end > start]
+    width = max(end - start for start, end in bounds)
+    flat_TD = hidden_BLD.reshape(B * L, D)
+    # Row r holds sample r from column 0, zeros after it: index the flat tokens into (S, width) at once.
+    starts = torch.tensor([s for s, _ in bounds], device=flat_TD.device)
+    lengths = torch.tensor([e - s for s, e in bounds], device=flat_TD.device)
+    column = torch.arange(width, device=flat_TD.device)
+    valid_SW = column[None, :] < lengths[:, None]
+    index_SW = (starts[:, None] + column[None, :]).clamp(max=B * L - 1)
+    rows_SWD = flat_TD[index_SW] * valid_SW[..., None].to(flat_TD.dtype)
+    out_SWE = original(module, rows_SWD, *args, **kwargs)
+    return out_SWE[valid_SW].reshape(B, L, -1)
 
 
 # ---------------------------------------------------------------------------------------------------------
