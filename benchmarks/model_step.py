@@ -6,6 +6,7 @@ width with fewer layers (``--text-layers``), and a Qwen3.5-shaped hybrid text mo
 attention layer) for the packed-vs-padded comparison. Every method runs the same batches in the same process:
 
     ours                  qwenvl.patch(model), packed row, cu_seqlens mask
+    ours+fusedce          qwenvl.patch(model, fused_cross_entropy=True): Liger-Kernel's fused loss, no logits
     ours+compile          qwenvl.patch(model, compile=True): regional compilation
     ours+compile+fusedce  ... and fused_cross_entropy=True (Liger-Kernel)
     native-packed         unpatched transformers, 4-row positions (its own packed path; sdpa)
@@ -169,7 +170,12 @@ def flops_per_step(model, samples) -> float:
 def run_method(model, method, samples, *, warmup, iters):
     import qwenvl
 
-    patch_kwargs = {"ours": {}, "ours+compile": {"compile": True}, "ours+compile+fusedce": {"compile": True, "fused_cross_entropy": True}}
+    patch_kwargs = {
+        "ours": {},
+        "ours+fusedce": {"fused_cross_entropy": True},
+        "ours+compile": {"compile": True},
+        "ours+compile+fusedce": {"compile": True, "fused_cross_entropy": True},
+    }
     if method in patch_kwargs:
         ctx = qwenvl.patch(model, **patch_kwargs[method])
         inputs = packed_inputs(model, samples, "upstream")
