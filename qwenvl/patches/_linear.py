@@ -154,16 +154,25 @@ def _batched(original, module, hidden_BLD: torch.Tensor, meta: VarlenMeta, args,
     args, kwargs = _without_state(args, kwargs)
     bounds = [(start, end) for start, end in zip(meta.offsets[:-1], meta.offsets[1:]) if end > start]
     width = max(end - start for start, end in bounds)
-    flat_TD = hidden_BLD.reshape(B * L, D)
-    # Row r holds sample r from column 0, zeros after it: index the flat tokens into (S, width) at once.
-    starts = torch.tensor([s for s, _ in bounds], device=flat_TD.device)
-    lengths = torch.tensor([e - s for s, e in bounds], device=flat_TD.device)
-    column = torch.arange(width, device=flat_TD.device)
-    valid_SW = column[None, :] < lengths[:, None]
-    index_SW = (starts[:, None] + column[None, :]).clamp(max=B * L - 1)
-    rows_SWD = flat_TD[index_SW] * valid_SW[..., None].to(flat_TD.dtype)
+    # Row r holds sample r from column 0; the padding after it reads token 0 and is multiplied by 0. Both index
+    # maps are built on the host from the boundaries and uploaded without waiting (no device sync).
+    scatter, gather = [], []
+    for row, (start, end) in enumerate(bounds):
+        scatter += [*range(start, end), *([0] * (width - (end - start)))]
+        gather += range(row * width, row * width + end - start)
+    device = hidden_BLD.device
+    scatter_SW = _upload(torch.tensor(scatter).view(len(bounds), width), device)
+    valid_SW = _upload((torch.arange(width)[None, :] < torch.tensor([e - s for s, e in bounds])[:, None]), device)
+    gather_T = _upload(torch.tensor(gather), device)
+    rows_SWD = hidden_BLD.reshape(B * L, D)[scatter_SW] * valid_SW[..., None].to(hidden_BLD.dtype)
     out_SWE = original(module, rows_SWD, *args, **kwargs)
-    return out_SWE[valid_SW].reshape(B, L, -1)
+    return out_SWE.reshape(len(bounds) * width, -1)[gather_T].reshape(B, L, -1)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
