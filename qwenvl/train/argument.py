@@ -14,7 +14,7 @@ __all__ = ["TrainingArguments"]
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """``transformers.TrainingArguments`` with ``mm_projector_lr`` and ``vision_tower_lr``.
+    """``transformers.TrainingArguments`` with ``mm_projector_lr``, ``vision_tower_lr`` and ``dummy_vision_pass``.
 
     ``None`` means "same as ``learning_rate``"; ``0.0`` means a learning rate of zero (freezing the component
     with ``requires_grad=False`` does the same and saves the optimizer state).
@@ -33,6 +33,15 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={
             "help": "Learning rate of the vision tower except the projector (patch embedding, blocks). "
             "Default: --learning_rate. Independent of --mm_projector_lr."
+        },
+    )
+
+    dummy_vision_pass: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Run the vision tower on a tiny zero input, adding exactly zero, in every forward without an "
+            "image (or video), so that ranks without one still take part in its backward (DDP, FSDP2, ZeRO-3). "
+            "Default: on under a launcher (torchrun, accelerate launch), off in a plain process."
         },
     )
 

@@ -1,8 +1,10 @@
 """What will train: a per-component report of ``requires_grad`` for Qwen-VL models.
 
 Reads parameter names only, so it works on all four families, on PEFT-wrapped models (``base_model.model.``
-prefix, LoRA parameters count towards the module they adapt) and on names from older releases
-(``visual.blocks.N`` / ``model.layers.N``). Example of ``TrainableReport.format()``::
+prefix, LoRA parameters count towards the module they adapt, a ``modules_to_save`` copy counts as the module
+it replaces and PEFT's frozen original beside it, which the forward never runs, is counted apart), on FSDP2
+(full sizes of the sharded parameters) and on names from older releases (``visual.blocks.N`` /
+``model.layers.N``). Example of ``TrainableReport.format()``::
 
     trainable parameters: 1,234,567 of 8,291,375,616 (0.01%)
       vision blocks      blocks 0-11 trainable, 12-31 frozen              ...
@@ -38,6 +40,10 @@ COMPONENTS = (
 _VISION_BLOCK = re.compile(r"(?:^|\.)visual\.blocks\.(\d+)\.")
 _DEEPSTACK = re.compile(r"(?:^|\.)deepstack_merger_list\.(\d+)\.")
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# PEFT's ModulesToSaveWrapper: the trained copy `<module>.modules_to_save.<adapter>.<rest>` runs in the forward,
+# the frozen `<module>.original_module.<rest>` does not.
+_PEFT_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
+_PEFT_ORIGINAL = ".original_module."
 
 
 def _locate(name: str) -> tuple[str, int | None]:
@@ -104,6 +110,8 @@ class TrainableReport:
     lm_head: str = "absent"
     lm_head_tied: bool = False
     other: str = "absent"
+    # parameters of PEFT's frozen originals of modules_to_save (not in the counts: the forward runs the copies)
+    peft_originals: int = 0
     # component -> (trainable, total)
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -155,6 +163,9 @@ class TrainableReport:
             if count == 0 and not (key == "lm_head" and self.lm_head_tied):
                 continue
             lines.append(f"  {label:<18} {text:<52} {trainable:>13,} / {count:,}")
+        if self.peft_originals:
+            originals = f"{self.peft_originals:,} parameters of PEFT's frozen originals of modules_to_save"
+            lines.append(f"  (not counted: {originals})")
         return "\n".join(lines)
 
 
@@ -187,8 +198,12 @@ def trainable_report(model: torch.nn.Module) -> TrainableReport:
     per_unit: dict[tuple[str, int | None], list[int]] = {}
     seen: dict[int, str] = {}
     tied_lm_head = False
+    originals: dict[int, int] = {}  # PEFT's frozen originals of modules_to_save: id -> size
     for name, param in model.named_parameters(remove_duplicate=False):
-        component, index = _locate(name)
+        if _PEFT_ORIGINAL in name:
+            originals[id(param)] = _numel(param)
+            continue
+        component, index = _locate(_PEFT_COPY.sub(".", name))
         if id(param) in seen:
             # A tied parameter: report it under its first owner only, so counts add up to the model's total.
             tied_lm_head |= component == "lm_head" and seen[id(param)] == "embeddings"
@@ -230,6 +245,7 @@ def trainable_report(model: torch.nn.Module) -> TrainableReport:
         lm_head_tied=tied_lm_head,
         other=status("other"),
         counts={component: (t, n) for component, (t, n) in counts.items()},
+        peft_originals=sum(originals.values()),
     )
 
 

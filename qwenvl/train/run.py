@@ -4,9 +4,16 @@
     qwenvl train --model_name_or_path Qwen/... --data_path train.json --output_dir out --bf16 \\
         --mm_projector_lr 1e-5 --vision_tower_lr 2e-6 --model_max_length 8192
 
+    torchrun --nproc_per_node 2 -m qwenvl.cli train --output_dir out ...           # DDP
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml -m qwenvl.cli train --output_dir out ...
+
 Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the three dataclasses below);
 three defaults differ from transformers': ``--per_device_train_batch_size 1`` (a packed batch is one row),
-``--logging_steps 1``, ``--report_to none``.
+``--logging_steps 1``, ``--report_to none``. Under a launcher, each rank trains on rows packed from its own
+shard of the samples, balanced by tokens (the imbalance is logged), and the vision dummy pass is on
+(``qwenvl.train.distributed``): a rank without images still runs the vision tower, so DDP with
+``--ddp_find_unused_parameters False`` (transformers' choice under gradient checkpointing) and FSDP2 / ZeRO-3
+work with text-only ranks. See docs/distributed.md.
 The steps: load the processor and model, freeze by ``--tune_mm_*``, optionally wrap in LoRA, patch the
 model for packed batches (``qwenvl.patch``), check every data row (bad rows stop the run naming the file and
 row, or are skipped with ``--skip_bad_samples``), pack, train with ``QwenVLTrainer`` (per-component learning
@@ -52,6 +59,14 @@ class DataArguments:
     model_max_length: int = field(default=4096, metadata={"help": "Most tokens per sample, vision tokens included."})
     packing: bool = field(default=True, metadata={"help": "Pack samples into rows (--packing False: padded batches)."})
     pack_budget: Optional[int] = field(default=None, metadata={"help": "Tokens per packed row. Default: model_max_length."})
+    pack_shards: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Pack rows for this many data-parallel ranks, each from its own shard of the samples, balanced "
+            "by tokens. Default: the number of processes. One process with --pack_shards N and N times the "
+            "gradient accumulation trains on the same rows in every step as N processes."
+        },
+    )
     packing_convention: str = field(default="upstream", metadata={"help": "upstream (cu_seqlens mask) or hf_positions."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
     truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
@@ -109,8 +124,12 @@ def _lora(model, model_args: ModelArguments):
         modules_to_save=full or None,
     )
     wrapped = get_peft_model(model, config)
-    # PEFT freezes the base model; the vision components keep the --tune_mm_* choice.
+    # PEFT freezes the base model; the vision components keep the --tune_mm_* choice. A module in
+    # modules_to_save runs as its trainable copy (`.modules_to_save.default.`); the `.original_module.` beside it
+    # takes no part in the forward and stays frozen (trainable, it would be a parameter DDP never sees used).
     for name, param in wrapped.named_parameters():
+        if ".original_module." in name:
+            continue
         component = classify(name)
         if component == "vision" and model_args.tune_mm_vision or component == "projector" and model_args.tune_mm_mlp:
             param.requires_grad_(True)
@@ -137,6 +156,8 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
             f"--pack_budget {data_args.pack_budget} is below --model_max_length {data_args.model_max_length}: "
             "a sample of maximal length would not fit a row"
         )
+    if data_args.pack_shards is not None and data_args.pack_shards < 1:
+        raise Refused(f"--pack_shards must be at least 1, got {data_args.pack_shards}")
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm or model_args.lora_enable):
         raise Refused("nothing to train: every --tune_mm_* is False and --lora_enable is off")
     if data_args.packing and training_args.per_device_train_batch_size != 1:
@@ -148,8 +169,9 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
         raise Refused("--group_by_length groups padded batches; packing already puts samples of similar length in rows")
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
-    """Train and save; returns the Trainer's train metrics plus the data summary."""
+def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, callbacks=None) -> dict:
+    """Train and save; returns the Trainer's train metrics plus the data summary (``ranks``: the per-rank
+    packing report when rows were packed for several ranks). ``callbacks``: extra ``TrainerCallback``s."""
     import torch
     import transformers
     import qwenvl
@@ -186,22 +208,34 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         seed=training_args.seed,
     )
     summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
-    logger.warning("qwenvl train: data: %s", summary["data"])
+    if training_args.process_index == 0:
+        logger.warning("qwenvl train: data: %s", summary["data"])
     if data_args.packing:
-        train_dataset = PackedDataset(dataset, data_args.pack_budget or data_args.model_max_length, seed=training_args.seed)
+        shards = data_args.pack_shards or training_args.world_size
+        budget = data_args.pack_budget or data_args.model_max_length
+        train_dataset = PackedDataset(dataset, budget, seed=training_args.seed, shards=shards)
         collator = PackedCollator(data_args.packing_convention)
         summary["packing"] = train_dataset.packing.summary()
         summary["fill_ratio"] = train_dataset.packing.fill_ratio
-        logger.warning("qwenvl train: packing: %s", summary["packing"])
+        if shards > 1:
+            summary["ranks"] = train_dataset.packing.report()
+        if training_args.process_index == 0:
+            logger.warning("qwenvl train: packing: %s", summary["packing"])
     else:
         train_dataset = dataset
         pad = processor.tokenizer.pad_token_id
         collator = PaddedCollator(pad if pad is not None else 0)
 
     with qwenvl.patch(model, backend=model_args.attention_backend):
-        trainer = QwenVLTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model(training_args.output_dir)
+        trainer = QwenVLTrainer(
+            model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks
+        )
+        try:
+            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            trainer.save_model(training_args.output_dir)
+        finally:
+            if trainer.vision_dummy is not None:
+                trainer.vision_dummy.remove()
     if trainer.is_world_process_zero():
         save_processor(processor, model_path, training_args.output_dir)
     return {**result.metrics, **summary}
@@ -231,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BadSampleError):
             print("qwenvl train: fix the row, or pass --skip_bad_samples to leave bad rows out", file=sys.stderr)
         return 2
+    if training_args.process_index != 0:
+        return 0
     print(f"qwenvl train: done; model and processor saved to {Path(training_args.output_dir).resolve()}")
     for key in ("data", "packing"):
         if key in metrics:
@@ -242,3 +278,7 @@ def _given(argv: list[str], flag: str) -> bool:
     """Whether ``flag`` is on the command line in either spelling HfArgumentParser accepts (_ or -)."""
     spellings = {flag, "--" + flag[2:].replace("_", "-")}
     return any(a.split("=", 1)[0] in spellings for a in argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

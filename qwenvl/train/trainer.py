@@ -11,6 +11,12 @@ Where per-component learning rates cannot take effect, it raises instead of trai
 - an ``--optim`` that builds its own parameter groups (GaLore, LOMO, layer-wise, optimizer factories).
 
 It also resumes checkpoints that transformers' own resume leaves half loaded (see ``_load_from_checkpoint``).
+
+Under a data-parallel launcher (torchrun / ``accelerate launch``; DDP, FSDP2, DeepSpeed) it adds what
+``qwenvl.train.distributed`` describes: the vision dummy pass, so that a rank without images takes part in
+the vision tower's backward (on under a launcher, or with ``dummy_vision_pass=True``); and,
+for a ``PackedDataset`` packed for several ranks, a sampler that hands each rank its own rows. Asking for FSDP
+where accelerate does not turn it on (on CPU it never does) is an error, not a silent DDP run.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import transformers
 import transformers.trainer
 from transformers import TrainerCallback
 
+from qwenvl.train.distributed import VisionDummy, dummy_vision_pass_wanted, vision_modalities
 from qwenvl.train.optim import build_param_groups
 from qwenvl.train.report import log_trainable_report
 
@@ -161,6 +168,45 @@ def _checkpoint_keys(folder: str) -> set[str] | None:
     return None
 
 
+def _fill_missing_optimizer_state(optimizer) -> int:
+    """Give every parameter of ``optimizer`` a state, as the optimizer itself would create it on its first step.
+
+    A parameter that never had a gradient (the vision tower before the first image: its dummy-pass zeros are
+    dropped) has no optimizer state. torch's distributed checkpoint (FSDP2 resume) loads into a fresh optimizer
+    whose state it initialises for every parameter, and refuses a checkpoint without those keys ("Missing key in
+    checkpoint state_dict: optimizer.state.<name>.step"). One step with zero gradients on those parameters only
+    and every learning rate at 0 creates the state without moving anything; its ``step`` counter is then set
+    back to 0, so the state is exactly the lazy one (Adam/AdamW: step 0, zero moments) and training goes on as it
+    would have. Returns how many parameters got a state.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    missing = [p for group in inner.param_groups for p in group["params"] if not inner.state.get(p)]
+    if not missing:
+        return 0
+    missing_ids = {id(p) for p in missing}
+    params = [p for group in inner.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    lrs = [group["lr"] for group in inner.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p) if id(p) in missing_ids else None
+        for group in inner.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+        inner.step()
+    finally:
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+    for p in missing:
+        step = inner.state.get(p, {}).get("step")
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            inner.state[p]["step"] = 0
+    return len(missing)
+
+
 class _TrainableReportCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -173,6 +219,10 @@ class QwenVLTrainer(transformers.Trainer):
     Reads ``args.mm_projector_lr`` and ``args.vision_tower_lr`` (see :class:`qwenvl.train.argument.TrainingArguments`;
     plain ``transformers.TrainingArguments`` work too and give base-lr groups). Logs the trainable-parameter
     report when training begins (rank 0 only).
+
+    ``vision_dummy`` is the :class:`qwenvl.train.distributed.VisionDummy` on the model (``None`` when off): it
+    runs a vision pass per modality of the training set (``vision_modalities``; images when it cannot tell)
+    in every forward that lacks one.
     """
 
     def __init__(self, model=None, args=None, *more, **kwargs):
@@ -186,6 +236,22 @@ class QwenVLTrainer(transformers.Trainer):
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and getattr(self.args, "hf_deepspeed_config", None) is None:
             check_deepspeed_config(getattr(plugin, "hf_ds_config", None) or plugin, self.args)
+        fsdp_on = self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False)
+        if getattr(self.args, "fsdp", None) and not fsdp_on:
+            raise ValueError(
+                f"--fsdp was given but accelerate did not turn FSDP on (distributed type "
+                f"{self.accelerator.distributed_type}): it only does for multi-GPU-like devices, never on CPU. Launch "
+                "with torchrun or accelerate launch on GPUs, or drop --fsdp to train with DDP."
+            )
+        self.vision_dummy = None
+        if dummy_vision_pass_wanted(self.args):
+            modalities = vision_modalities(self.train_dataset) or ("image",)
+            self.vision_dummy = VisionDummy(self.model, modalities)
+            logger.info(
+                "vision dummy pass on (%d processes): every forward without them runs the vision tower for %s",
+                self.args.world_size,
+                " and ".join(modalities),
+            )
         if self.optimizer is not None and (lrs := _per_component_lrs(self.args)):
             logger.warning(
                 "An optimizer was passed to QwenVLTrainer, so %s are ignored: its own parameter groups are used. "
@@ -193,6 +259,46 @@ class QwenVLTrainer(transformers.Trainer):
                 " and ".join(lrs),
             )
         self.add_callback(_TrainableReportCallback())
+
+    def _get_train_sampler(self, train_dataset=None):
+        """A ``PackedDataset`` packed for several ranks keeps each step's rows together (``StepSampler``), so
+        accelerate's round-robin sharding hands rank ``r`` its own rows; anything else: transformers' sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        shards = getattr(dataset, "shards", 1)
+        if shards > 1 and hasattr(dataset, "step_sampler"):
+            world = self.args.world_size
+            if world > 1 and world != shards:
+                logger.warning(
+                    "the rows were packed for %d ranks but %d processes train: every row is still used once per "
+                    "epoch, but not on the rank it was packed for (pack for %d shards)",
+                    shards,
+                    world,
+                    world,
+                )
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return dataset.step_sampler(seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.vision_dummy is not None and self.accelerator.sync_gradients:
+            self._drop_untouched_vision_grads()
+        return loss
+
+    def _drop_untouched_vision_grads(self) -> None:
+        """After the last backward of an optimizer step: when no rank had a real image or video, the vision
+        gradients are the dummy pass's zeros; set them to ``None`` so the optimizer skips those parameters, as
+        it does on one process (and as DDP leaves a parameter no rank used). Before clipping, so the gradient
+        norm sees the same tensors as a single-process run. DeepSpeed keeps its own gradient buffers: skipped."""
+        real = self.vision_dummy.take_real_count()
+        if self.is_deepspeed_enabled:
+            return
+        if self.args.world_size > 1:
+            count = torch.tensor([real], device=self.args.device)
+            real = int(self.accelerator.reduce(count, reduction="sum").item())
+        if real == 0:
+            for param in self.vision_dummy.parameters():
+                param.grad = None
 
     def create_optimizer(self, model=None):
         """Build the optimizer ``args.optim`` names over :func:`build_param_groups`.
@@ -220,6 +326,13 @@ class QwenVLTrainer(transformers.Trainer):
                 )
             return self._upstream_create_optimizer(model)
 
+        flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
+        if flat and _per_component_lrs(self.args):
+            raise ValueError(
+                f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
+                f"{' and '.join(_per_component_lrs(self.args))} cannot be told apart by name: use FSDP2 "
+                "(fsdp_version 2) or use_orig_params=True"
+            )
         groups = build_param_groups(
             opt_model,
             lr=self.args.learning_rate,
@@ -239,7 +352,7 @@ class QwenVLTrainer(transformers.Trainer):
                 if isinstance(module, torch.nn.Embedding):
                     manager.register_module_override(module, "weight", {"optim_bits": 32})
 
-        for group in groups:
+        for group in groups if self.is_world_process_zero() else ():
             logger.info(
                 "optimizer group %s: %d tensors, %d parameters, lr %g, weight decay %g",
                 group["name"],
@@ -254,6 +367,11 @@ class QwenVLTrainer(transformers.Trainer):
         if model is None or model is self.model:
             return super().create_optimizer()
         return super().create_optimizer(model)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.is_fsdp_enabled and self.optimizer is not None:
+            _fill_missing_optimizer_state(self.optimizer)
+        return super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # save_pretrained writes Qwen2-VL / Qwen2.5-VL weights under the hub's names (`visual.*`, `model.layers.*`)
