@@ -44,6 +44,18 @@ class ModelArguments:
     tune_mm_llm: bool = field(default=True, metadata={"help": "Train the language model and lm_head."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     attention_backend: str = field(default="auto", metadata={"help": "qwenvl varlen backend: auto, sdpa, torch, flash_attn."})
+    linear_backend: str = field(
+        default="auto",
+        metadata={"help": "Qwen3.5 Gated DeltaNet layers on packed rows: auto, segments, batched, torch, fla."},
+    )
+    compile_regions: bool = field(
+        default=False,
+        metadata={"help": "Compile each decoder layer and vision block on its own (qwenvl.patch(model, compile=True))."},
+    )
+    fused_cross_entropy: bool = field(
+        default=False,
+        metadata={"help": "Loss from hidden states without the logits (Liger-Kernel on CUDA; plain torch loss on CPU)."},
+    )
     lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model (PEFT)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
@@ -150,6 +162,14 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
 
     one_of("--dtype", model_args.dtype, _DTYPES)
     one_of("--attention_backend", model_args.attention_backend, ("auto", *BACKENDS))
+    from qwenvl.patches._linear import LINEAR_BACKENDS
+
+    one_of("--linear_backend", model_args.linear_backend, ("auto", *LINEAR_BACKENDS))
+    if model_args.compile_regions and getattr(training_args, "torch_compile", False):
+        raise Refused(
+            "--compile_regions and --torch_compile both compile the model: use --compile_regions (each layer and "
+            "vision block on its own, packed token dimension dynamic) or --torch_compile, not both"
+        )
     one_of("--packing_convention", data_args.packing_convention, CONVENTIONS)
     if data_args.pack_budget is not None and data_args.pack_budget < data_args.model_max_length:
         raise Refused(
@@ -226,7 +246,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
         pad = processor.tokenizer.pad_token_id
         collator = PaddedCollator(pad if pad is not None else 0)
 
-    with qwenvl.patch(model, backend=model_args.attention_backend):
+    with qwenvl.patch(
+        model,
+        backend=model_args.attention_backend,
+        linear_backend=model_args.linear_backend,
+        compile=model_args.compile_regions,
+        fused_cross_entropy=model_args.fused_cross_entropy,
+    ):
         trainer = QwenVLTrainer(
             model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks
         )
