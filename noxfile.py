@@ -1,4 +1,16 @@
-"""nox sessions. `nox -t ci` is what CI runs (README: "Run the tests").
+"""nox sessions. `nox -t ci` is what CI runs (README: "Run the tests"); `nox -l` lists every session.
+
+    tests                       the whole CPU suite on the newest tested transformers (ci, default)
+    parity(tf-<release>)        model/data/trainer/golden parity on one matrix release (tf-4.57.6 is in ci)
+    parity_version -- <release> the same on any release or release candidate (`-- 5.25.0rc1`)
+    gpu                         the suite on CUDA (not default)
+    jax                         the JAX reference twin and the golden interop test (not default)
+    lint                        ruff over qwenvl/ reference/ parity_tests/ scripts/ (not default)
+    bench                       kernel benchmark, CUDA (not default)
+    mutations                   the mutation catalogue; rewrites its README table (by hand, not in ci)
+    golden                      rewrite fixtures/golden/ under the pinned release (not default)
+    verify -- <release>         `qwenvl verify` on any release (not default)
+    lock(tf-<release>)          rewrite locks/tf-<release>.txt (not default)
 
 Versions come from pyproject.toml ([tool.qwenvl]): the transformers release matrix and the CPU torch wheel.
 Every session that installs the project installs it under `locks/tf-<release>.txt`: the exact versions of
@@ -16,11 +28,25 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
-_CONFIG = nox.project.load_toml(ROOT / "pyproject.toml")["tool"]["qwenvl"]
+_PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+_CONFIG = _PYPROJECT["tool"]["qwenvl"]
 MATRIX = _CONFIG["transformers-matrix"]
 TORCH_CPU = _CONFIG["torch-cpu"]
 OLDEST, NEWEST = MATRIX[0], MATRIX[-1]
-LOCK_EXTRAS = "test,train"
+# Every extra a locked session installs: the locks pin jax and ruff too.
+LOCK_EXTRAS = "test,train,jax,lint"
+LINT_PATHS = ["qwenvl", "reference", "parity_tests", "scripts", "noxfile.py"]
+PARITY_PATHS = [
+    "parity_tests/test_models.py",
+    "parity_tests/test_ordinary_calls.py",
+    "parity_tests/test_optimizer_groups.py",
+    "parity_tests/test_trainer.py",
+    "parity_tests/test_data_packing.py",
+    "parity_tests/test_dataset.py",
+    "parity_tests/test_fixture_models.py",
+    "parity_tests/test_train_cli.py",
+    "parity_tests/test_golden.py",
+]
 
 
 def _lock_file(transformers: str) -> Path:
@@ -39,9 +65,18 @@ def _install(session: nox.Session, *, transformers: str, extras: str = "test", l
     session.install(*constraints, "-e", f".[{extras}]", f"transformers=={transformers}")
 
 
-def _tests(session: nox.Session, *, transformers: str, paths: list[str], extras: str = "test") -> None:
-    _install(session, transformers=transformers, extras=extras)
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", *paths, *session.posargs)
+def _tests(
+    session: nox.Session,
+    *,
+    transformers: str,
+    paths: list[str],
+    extras: str = "test",
+    locked: bool = True,
+    posargs: list[str] | None = None,
+) -> None:
+    _install(session, transformers=transformers, extras=extras, locked=locked)
+    args = session.posargs if posargs is None else posargs
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", *paths, *args)
 
 
 @nox.session(tags=["ci"])
@@ -56,35 +91,73 @@ def tests(session: nox.Session) -> None:
     [nox.param(v, id=f"tf-{v}", tags=["ci"] if v == OLDEST else []) for v in MATRIX],
 )
 def parity(session: nox.Session, transformers: str) -> None:
-    """Model, data and trainer parity tests on one transformers release (`nox -s "parity(tf-5.0.0)"`)."""
-    _tests(
-        session,
-        transformers=transformers,
-        paths=[
-            "parity_tests/test_models.py",
-            "parity_tests/test_ordinary_calls.py",
-            "parity_tests/test_optimizer_groups.py",
-            "parity_tests/test_trainer.py",
-            "parity_tests/test_data_packing.py",
-            "parity_tests/test_dataset.py",
-            "parity_tests/test_fixture_models.py",
-            "parity_tests/test_train_cli.py",
-        ],
-    )
+    """Model, data, trainer and golden parity tests on one matrix release (`nox -s "parity(tf-5.0.0)"`)."""
+    _tests(session, transformers=transformers, paths=PARITY_PATHS)
 
 
 @nox.session(default=False)
+def parity_version(session: nox.Session) -> None:
+    """The parity tests on any release or release candidate: `nox -s parity_version -- 5.25.0rc1`.
+
+    Extra arguments go to pytest. A release without a lock installs unlocked; a drift of its outputs against the
+    goldens fails test_golden until a person explains it (qwenvl.verify.golden.KNOWN_DRIFT).
+    """
+    if not session.posargs:
+        session.error("give the transformers release: nox -s parity_version -- 5.25.0rc1")
+    version, *rest = session.posargs
+    _tests(session, transformers=version, paths=PARITY_PATHS, locked=_lock_file(version).exists(), posargs=rest)
+
+
+@nox.session(default=False, venv_params=["--system-site-packages"])
 def gpu(session: nox.Session) -> None:
-    """The suite on CUDA (bf16/fp16 against the torch and sdpa backends). Needs a CUDA torch already installed."""
+    """The suite on CUDA: bf16/fp16 backends, golden and JAX interop on the GPU (uses the machine's CUDA torch).
+
+    The virtualenv sees the system site-packages, so the CUDA torch (and JAX, if installed) of the machine are
+    used; the project and its test extra are installed into it.
+    """
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "--device", "cuda", "parity_tests", *session.posargs)
 
 
 @nox.session(default=False)
 def jax(session: nox.Session) -> None:
-    """The JAX twin of the reference checked against the torch reference."""
+    """The JAX reference twin against the torch reference, and the golden attention inputs through both."""
     _install(session, transformers=NEWEST, extras="test,jax")
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "parity_tests/test_masks.py", *session.posargs)
+    session.run(
+        "python", "-m", "pytest", "-p", "no:cacheprovider", "parity_tests/test_masks.py",
+        "parity_tests/test_jax_interop.py", *session.posargs,
+    )
+
+
+@nox.session(default=False)
+def lint(session: nox.Session) -> None:
+    """ruff over qwenvl/ reference/ parity_tests/ scripts/ (rules: pyproject's [tool.ruff]).
+
+    ruff is the exact pin of the `lint` extra, installed under the newest lock.
+    """
+    session.install("-c", str(_lock_file(NEWEST)), *_PYPROJECT["project"]["optional-dependencies"]["lint"])
+    session.run("ruff", "check", *LINT_PATHS, *session.posargs)
+
+
+@nox.session(default=False)
+def mutations(session: nox.Session) -> None:
+    """The mutation catalogue: every planted bug must fail the CPU suite; rewrites the README table (by hand).
+
+    scripts/mutations.py: each mutation is applied to a scratch copy of the package and the tests that should catch
+    it run against that copy. Not in ci (it takes a while on 2 cores); `-- --only NAME` runs one mutation.
+    """
+    _install(session, transformers=NEWEST)
+    session.run("python", "scripts/mutations.py", "--readme", "README.md", *session.posargs)
+
+
+@nox.session(default=False)
+def golden(session: nox.Session) -> None:
+    """Rewrite fixtures/golden/ under the pinned release (the newest of the matrix) and print what moved.
+
+    `-- --check` writes nothing and fails if anything would move; `-- --family NAME` rewrites one family.
+    """
+    _install(session, transformers=NEWEST)
+    session.run("python", "scripts/make_golden.py", *session.posargs)
 
 
 @nox.session(default=False)
@@ -110,8 +183,8 @@ def verify(session: nox.Session) -> None:
     session.run("qwenvl", "verify", "--json", f"qwenvl-verify-{version}.json")
 
 
-@nox.session(default=False)
+@nox.session(default=False, venv_params=["--system-site-packages"])
 def bench(session: nox.Session) -> None:
-    """Kernel benchmark (CUDA): prints a table and writes JSON."""
+    """Kernel benchmark (CUDA, the machine's CUDA torch): prints a table and writes bench-attention.json."""
     session.install("-e", ".")
     session.run("python", "benchmarks/attention_bench.py", "--out", "bench-attention.json", *session.posargs)

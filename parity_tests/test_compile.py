@@ -13,7 +13,7 @@ import torch
 import qwenvl
 from qwenvl.fixtures import tiny_model
 from qwenvl.patches._compile import compile_stats
-from qwenvl.verify.batches import SampleSpec, make_sample, pack, sample_inputs
+from qwenvl.verify.batches import SampleSpec, make_sample, pack
 from qwenvl.verify.parity import DEFAULT_SPECS, run_case
 
 pytestmark = pytest.mark.slow

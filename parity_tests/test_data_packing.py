@@ -11,16 +11,16 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, reject
 from hypothesis import strategies as st
 
 import qwenvl
 from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, pack
 from qwenvl.families import FAMILIES, available_families
 from qwenvl.fixtures import tiny_model
-from qwenvl.positions import rope_index
+from qwenvl.positions import mm_token_type_ids, rope_index
 from qwenvl.tolerances import judge, reference_dtype, tolerance
-from qwenvl.verify.batches import SampleSpec, make_sample
+from qwenvl.verify.batches import SampleSpec, UpstreamLimit, make_sample, mixes_media, runnable_specs, upstream_limit
 
 # ---------------------------------------------------------------------------------------------------------
 # The packer
@@ -98,8 +98,7 @@ def _item(model, spec: SampleSpec, gen: torch.Generator) -> dict:
     s = make_sample(model.config, spec, generator=gen)
     ids = s.input_ids
     labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.5, ids, torch.full_like(ids, -100))
-    vision = torch.isin(ids, torch.tensor([model.config.image_token_id, model.config.video_token_id]))
-    labels[vision] = -100
+    labels[mm_token_type_ids(model.config, ids[None])[0] > 0] = -100  # image and video placeholders
     item = {"input_ids": ids, "labels": labels}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if getattr(s, key) is not None:
@@ -124,6 +123,9 @@ def datasets(draw, *, max_samples=6):
 @given(data=datasets(), convention=st.sampled_from(["upstream", "hf_positions"]))
 def test_packed_collator_properties(data, convention):
     family, specs, seed = data
+    specs = runnable_specs(family, specs)  # GLM-4V: no sample holds an image and a video
+    if any(s.video for s in specs) and upstream_limit(family, "videos"):
+        reject()  # the release cannot run a video of this family at all (FamilySpec.release_bugs names the bug)
     model = _model(family)
     gen = torch.Generator().manual_seed(seed)
     items = [_item(model, spec, gen) for spec in specs]
@@ -146,10 +148,11 @@ def test_packed_collator_properties(data, convention):
         assert batch["labels"][0, start] == -100, "no label predicts across a sample boundary"
         assert torch.equal(batch["labels"][0, start + 1 : start + n], it["labels"][1:])
     merge = model.config.vision_config.spatial_merge_size ** 2
-    for token, grids in (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw")):
-        n_tokens = int((batch["input_ids"] == getattr(model.config, token)).sum())
+    types = mm_token_type_ids(model.config, batch["input_ids"])  # GLM-4V: video frames hold the image placeholder
+    for kind, grids in ((1, "image_grid_thw"), (2, "video_grid_thw")):
+        n_tokens = int((types == kind).sum())
         expected = int(batch[grids].prod(-1).sum()) // merge if grids in batch else 0
-        assert n_tokens == expected, f"{token}: tokens match the grids"
+        assert n_tokens == expected, f"{grids}: tokens match the grids"
     for key in ("pixel_values", "pixel_values_videos"):
         present = [it[key] for it in items if key in it]
         assert torch.equal(batch[key], torch.cat(present)) if present else key not in batch
@@ -196,13 +199,31 @@ def _loss_and_grads(model, batch):
     return loss.detach(), real.detach(), grads
 
 
+def _spec_rows(family: str) -> list[tuple[SampleSpec, ...]]:
+    """SPECS as one row, or (a family whose images and videos cannot share a forward: GLM-4V) two rows, the
+    image samples and the others, each with text only samples too."""
+    if mixes_media(family):
+        return [SPECS]
+    return [tuple(s for s in SPECS if s.video is None), tuple(s for s in SPECS if s.image is None)]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("convention", ["upstream", "hf_positions"])
 def test_packed_equals_padded(family, convention):
+    if why := upstream_limit(family, "float64"):
+        pytest.skip(f"no float64 oracle: {why}")
+    for specs in _spec_rows(family):
+        try:
+            _check_packed_equals_padded(family, convention, specs)
+        except UpstreamLimit as exc:
+            pytest.skip(str(exc))
+
+
+def _check_packed_equals_padded(family, convention, specs):
     device, dtype = torch.device("cpu"), torch.float32
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(5)
-    items = [_item(model, spec, gen) for spec in SPECS]
+    items = [_item(model, spec, gen) for spec in specs]
     row = PackedDataset(_ListDataset(items), budget=512)[0]  # the packer's order (longest first)
     padded = PaddedCollator(pad_token_id=0)(row)
     packed = PackedCollator(convention)(row)

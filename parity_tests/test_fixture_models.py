@@ -1,7 +1,7 @@
 """The embedded default: each family's tiny model directory loads offline and works end to end.
 
-For every family of ``FAMILIES``: ``AutoModelForImageTextToText``, ``AutoTokenizer`` and ``AutoImageProcessor``
-load ``fixtures/models/<fixture>/``; the processor turns demo rows into ``input_ids`` with exactly
+For every family of ``FAMILIES``: the family's entry class (``AutoModelForImageTextToText`` has no Qwen3-Omni thinker
+on 4.57), ``AutoTokenizer`` and ``AutoImageProcessor`` load ``fixtures/models/<fixture>/``; the processor turns demo rows into ``input_ids`` with exactly
 ``image_grid_thw.prod() / merge**2`` image pads per image; the model runs a forward (and a loss) on that output;
 the stored weights give the logits recorded at generation time on this release too; the tokenizer round-trips
 the demo text and its special tokens sit at the config's ids.
@@ -23,12 +23,13 @@ import re
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 
 import qwenvl.fixtures as fixtures
 from qwenvl.data.processor import load_processor
 from qwenvl.families import FAMILIES
 from qwenvl.fixtures import embedded
+from qwenvl.positions import mm_token_type_ids
 
 FAMILY_NAMES = list(FAMILIES)
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
@@ -109,15 +110,19 @@ def _unreadable_here(family: str) -> str | None:
     return None
 
 
+def _model_class(family: str):
+    return getattr(transformers, FAMILIES[family].entry_classes[0])
+
+
 def _model(family: str):
     """The family's tiny model loaded from its folder (cached; the tests only run it under no_grad or read it)."""
     reason = _unreadable_here(family)
     if reason:
         with pytest.raises(RuntimeError, match="size mismatch"):
-            AutoModelForImageTextToText.from_pretrained(embedded.model_dir(family))
+            _model_class(family).from_pretrained(embedded.model_dir(family))
         pytest.xfail(reason)
     if family not in _MODELS:
-        model = AutoModelForImageTextToText.from_pretrained(embedded.model_dir(family), attn_implementation="eager")
+        model = _model_class(family).from_pretrained(embedded.model_dir(family), attn_implementation="eager")
         _MODELS[family] = model.eval()
     return _MODELS[family]
 
@@ -136,15 +141,16 @@ def _config(family: str) -> dict:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_special_token_ids_equal_the_config(family):
+    # Every id the config gives a vision-span role is a special token of the family's tokenizer (Qwen: <|image_pad|>
+    # <|video_pad|> <|vision_start|> <|vision_end|>; GLM-4V: <|image|> <|begin_of_image|> <|end_of_image|>
+    # <|begin_of_video|> <|end_of_video|>), never split by the BPE.
     config = _config(family)
     tokenizer = AutoTokenizer.from_pretrained(embedded.model_dir(family))
-    names = {
-        "image_token_id": "<|image_pad|>",
-        "video_token_id": "<|video_pad|>",
-        "vision_start_token_id": "<|vision_start|>",
-        "vision_end_token_id": "<|vision_end|>",
-    }
-    assert {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()} == fixtures.token_ids(family)
+    added = tokenizer.get_added_vocab()
+    for key, token_id in {**fixtures.token_ids(family), "video_token_id": config["video_token_id"]}.items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        assert added.get(token) == token_id, f"{key} {token_id} is {token!r}, not an added token"
+        assert tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id], key
     assert tokenizer.eos_token_id == config["text_config"]["eos_token_id"]
     assert tokenizer.pad_token_id == config["text_config"]["pad_token_id"]
     assert len(tokenizer) <= config["text_config"]["vocab_size"]
@@ -166,9 +172,42 @@ def test_tokenizer_round_trips_the_demo_text():
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_processor_finds_the_config_token_ids(family):
+    # The processor looks its placeholders up by name (GLM-4V: <|image|>, <|video|>, <|begin_of_video|>; Qwen3-Omni:
+    # the tokenizer's image_token / video_token attributes): the ids it finds are the config's.
+    config = _config(family)
+    processor = _processor(family)
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids(processor.image_token) == config["image_token_id"]
+    assert tokenizer.convert_tokens_to_ids(processor.video_token) == config["video_token_id"]
+    for attribute, key in (("video_start_id", "video_start_token_id"), ("video_end_id", "video_end_token_id")):
+        if hasattr(processor, attribute):  # GLM-4V's processor from 5.x: video tokens are the ones inside these
+            assert getattr(processor, attribute) == config[key]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_model_folder_has_the_shared_tokenizer(family):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (embedded.model_dir(family) / name).read_bytes() == (embedded.tokenizer_dir() / name).read_bytes()
+    # Byte for byte, or (a family whose processor names its tokens otherwise) the same BPE with other special tokens.
+    shared = json.loads((embedded.tokenizer_dir() / "tokenizer.json").read_text())
+    own = json.loads((embedded.model_dir(family) / "tokenizer.json").read_text())
+    if own == shared:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (embedded.model_dir(family) / name).read_bytes() == (embedded.tokenizer_dir() / name).read_bytes()
+        return
+    assert {k: v for k, v in own.items() if k != "added_tokens"} == {k: v for k, v in shared.items() if k != "added_tokens"}
+    kept = {t["id"]: t for t in shared["added_tokens"] if t["id"] < 3 or not t["special"]}  # pad/bos/eos, <think>...
+    assert {t["id"]: t for t in own["added_tokens"] if t["id"] in kept} == kept
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_tokenizer_round_trips_the_demo_text(family):
+    # 5.x loads GLM-4V's folder with its own tokenizer class (TokenizersBackend): the same ids as the shared one.
+    tokenizer = AutoTokenizer.from_pretrained(embedded.model_dir(family))
+    shared = AutoTokenizer.from_pretrained(embedded.tokenizer_dir())
+    rows = json.loads(embedded.demo_data_path().read_text())
+    for text in [turn["value"] for row in rows[:6] for turn in row["conversations"]] + ["Zürich, 42 °C — 東京!"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == shared(text, add_special_tokens=False)["input_ids"] and tokenizer.decode(ids) == text
 
 
 
@@ -192,7 +231,7 @@ def test_demo_rows_are_well_formed():
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_config_json_is_the_fixture_config(family):
-    loaded = AutoConfig.from_pretrained(embedded.model_dir(family))
+    loaded = getattr(transformers, FAMILIES[family].config_class).from_pretrained(embedded.model_dir(family))
     expected = fixtures.tiny_config(family)
     assert type(loaded) is type(expected)
     for part in ("text_config", "vision_config"):
@@ -218,16 +257,20 @@ def test_processor_output_runs_through_the_model(family, kind):
     processor = _processor(family)
     merge = processor.image_processor.merge_size
     model = _model(family)
+    keys = FAMILIES[family].tokens
+    start, end = getattr(model.config, keys.start), getattr(model.config, keys.end)
     for row in _rows(kind)[:3]:
         messages = _messages(row)
         batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
         ids = batch["input_ids"]
         n_images = len(_media(row, "image"))
-        assert int((ids == model.config.vision_start_token_id).sum()) == n_images
+        assert int((ids == start).sum()) == int((ids == end).sum()) == n_images
         if n_images:
             grid = batch["image_grid_thw"]
             assert grid.shape == (n_images, 3)
             assert int((ids == model.config.image_token_id).sum()) == int(grid.prod(-1).sum()) // merge**2
+            pads = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+            assert int(ids[0, pads[0] - 1]) == start and int(ids[0, pads[-1] + 1]) == end
             if "mm_token_type_ids" in batch:
                 assert torch.equal(batch["mm_token_type_ids"] == 1, ids == model.config.image_token_id)
             from PIL import Image
@@ -266,6 +309,7 @@ def test_video_rows_run_through_the_model(family):
     merge = processor.video_processor.merge_size
     model = _model(family)
     spec = FAMILIES[family]
+    video_id, start = getattr(model.config, spec.tokens.video), getattr(model.config, spec.tokens.start)
     for row in _rows("video"):
         (path,) = _media(row, "video")
         frames, metadata = load_video(path, backend="pyav")
@@ -273,14 +317,15 @@ def test_video_rows_run_through_the_model(family):
         text = processor.apply_chat_template(_messages(row), tokenize=False)
         batch = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt")
         ids, grid = batch["input_ids"], batch["video_grid_thw"]
-        assert int((ids == model.config.video_token_id).sum()) == int(grid.prod(-1).sum()) // merge**2
+        video_BL = mm_token_type_ids(model.config, ids) == 2  # GLM-4V: image placeholders inside the video wrapper
+        assert int(video_BL.sum()) == int((ids == video_id).sum()) == int(grid.prod(-1).sum()) // merge**2
         # Spans opened right before video pads. 5.x's Qwen3-VL processor replaces only the pad inside the template's
         # <|vision_start|><|video_pad|><|vision_end|>, so one more (outer) pair surrounds the timestamped groups
         # there; 4.57 replaced the whole triple. Counting only the spans that hold pads holds on both.
-        opens = (ids[:, :-1] == model.config.vision_start_token_id) & (ids[:, 1:] == model.config.video_token_id)
+        opens = (ids[:, :-1] == start) & (ids[:, 1:] == video_id)
         assert int(opens.sum()) == (int(grid[:, 0].sum()) if spec.video_group_spans else len(grid))
         if "mm_token_type_ids" in batch:
-            assert torch.equal(batch["mm_token_type_ids"] == 2, ids == model.config.video_token_id)
+            assert torch.equal(batch["mm_token_type_ids"] == 2, video_BL)
         with torch.no_grad():
             out = model(**_model_inputs(model, batch), labels=ids)
         assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)

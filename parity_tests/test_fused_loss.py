@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import qwenvl
-from qwenvl.families import FAMILIES
 from qwenvl.fixtures import FAMILY_NAMES, tiny_model
 from qwenvl.packing import mask_boundary_labels
 from qwenvl.patches._loss import shift_labels

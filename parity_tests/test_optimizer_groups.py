@@ -74,6 +74,12 @@ def _cached_trainer(family: str) -> QwenVLTrainer:
     [
         ("model.visual.merger.mlp.0.weight", "projector"),
         ("model.visual.deepstack_merger_list.1.linear_fc1.bias", "projector"),
+        ("model.visual.merger_list.0.mlp.2.weight", "projector"),  # Qwen3-Omni's deepstack mergers
+        ("model.visual.downsample.weight", "projector"),  # GLM-4V
+        ("model.visual.embeddings.position_embedding.weight", "vision"),  # GLM-4V
+        ("model.audio_tower.layers.0.self_attn.q_proj.weight", "vision"),  # Qwen3-Omni (5.x names)
+        ("audio_tower.proj2.weight", "vision"),  # Qwen3-Omni (4.57 names)
+        ("model.layers.0.mlp.experts.3.down_proj.weight", "base"),  # Qwen3-Omni's text model on 4.57
         ("model.visual.blocks.3.attn.qkv.weight", "vision"),
         ("model.visual.patch_embed.proj.weight", "vision"),
         ("visual.blocks.0.norm1.weight", "vision"),
@@ -104,6 +110,10 @@ def test_classify(name, component):
          weight_decay=0.0, mm_projector_lr=0.0, vision_tower_lr=0.0)  # fmt: skip
 @example(family="qwen3_vl_moe", plan=FreezePlan(frozenset(), 0), lr=1e-3, weight_decay=0.1,
          mm_projector_lr=1e-4, vision_tower_lr=None)  # fmt: skip
+@example(family="glm4v_moe", plan=FreezePlan(frozenset({"visual.blocks"}), None), lr=1e-3, weight_decay=0.1,
+         mm_projector_lr=1e-4, vision_tower_lr=2e-6)  # fmt: skip
+@example(family="qwen3_omni_moe_thinker", plan=FreezePlan(frozenset({"visual.merger"}), None), lr=1e-3,
+         weight_decay=0.1, mm_projector_lr=1e-4, vision_tower_lr=0.0)  # fmt: skip
 def test_groups_partition_trainable_parameters(family, plan, lr, weight_decay, mm_projector_lr, vision_tower_lr):
     model = cached_model(family)
     apply_freeze_plan(model, plan)

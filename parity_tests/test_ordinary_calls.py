@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given, reject, settings
 from hypothesis import strategies as st
 
 import qwenvl
@@ -30,7 +31,9 @@ from qwenvl.verify.batches import SampleSpec, make_sample, sample_inputs
 from tolerances import assert_close_by_rule
 
 FAMILY_NAMES = tuple(FAMILIES)
-VISION_TOKENS = (500, 501, 502, 503)  # the tiny configs' vision ids: a generated one would ask for pixels
+# The tiny configs' special ids past the BPE (vision, GLM-4V's video wrapper, Qwen3-Omni's audio): a generated one
+# would ask for pixels or audio.
+SPECIAL_TOKENS = tuple(range(500, 512))
 
 
 @pytest.fixture
@@ -100,7 +103,7 @@ def test_generate_is_bit_identical_under_the_patch(family, case, varlen_calls):
     kwargs = {
         "max_new_tokens": 3,
         "do_sample": False,
-        "suppress_tokens": list(VISION_TOKENS),
+        "suppress_tokens": list(SPECIAL_TOKENS),
         "return_dict_in_generate": True,
         **options,
     }
@@ -121,6 +124,14 @@ def test_generate_prefill_positions_with_output_attentions(family, varlen_calls)
     ids = torch.randint(3, 400, (2, 8))
     text = torch.arange(8).expand(2, 8)
     positions = torch.cat([text[None], text[None].expand(3, 2, 8)])
+    if why := FAMILIES[family].release_bug("four_rows"):
+        # The release fails this call unpatched (FamilySpec.release_bugs): patched, exactly the same way.
+        with torch.no_grad(), pytest.raises(Exception) as unpatched:
+            model(input_ids=ids, position_ids=positions, output_attentions=True, use_cache=False)
+        with torch.no_grad(), qwenvl.patch(model), pytest.raises(unpatched.type, match=re.escape(str(unpatched.value))):
+            model(input_ids=ids, position_ids=positions, output_attentions=True, use_cache=False)
+        assert not varlen_calls, why
+        return
     with torch.no_grad():
         before = model(input_ids=ids, position_ids=positions, output_attentions=True, use_cache=False)
         with qwenvl.patch(model):
@@ -189,6 +200,10 @@ def _alone(model, samples, weights):
 @example(layout=[[1, 1, 1, 1]])
 @example(layout=[[5, 9, 2], [3, 13]])
 def test_flattened_text_positions_equal_each_sample_alone(family, layout):
+    if why := FAMILIES[family].release_bug("float64"):
+        pytest.skip(f"no float64 oracle: {why}")
+    if all(len(row) == 1 for row in layout) and FAMILIES[family].release_bug("unmasked"):
+        reject()  # no row restarts: an ordinary unmasked call, which the release fails unpatched (release_bugs)
     model = tiny_model(family)
     ref_model = copy.deepcopy(model).double()
     if hasattr(ref_model, "set_experts_implementation"):

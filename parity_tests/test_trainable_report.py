@@ -7,14 +7,14 @@ import logging
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trainer_strategies import FAMILY_NAMES, apply_freeze_plan, cached_model, freeze_plans, tiny_model
+from trainer_strategies import FAMILY_NAMES, apply_freeze_plan, cached_model, freeze_plans, submodule, tiny_model
 
 from qwenvl.families import FAMILIES
 from qwenvl.train.report import compress_ranges, log_trainable_report, trainable_report
 
 
 def _freeze_block0_and_half_block1(model):
-    visual = model.model.visual
+    visual = submodule(model, "visual")
     for p in visual.blocks[0].parameters():
         p.requires_grad_(False)
     block1 = list(visual.blocks[1].parameters())
@@ -32,13 +32,14 @@ def test_report_per_family(family):
 
     assert (report.vision_blocks_frozen, report.vision_blocks_partial, report.vision_blocks_trainable) == ([0], [1], [])
     assert report.merger == "trainable" and report.embeddings == "trainable" and report.lm_head == "frozen"
-    assert report.layers_trainable == [0, 1] and not report.layers_partial and not report.layers_frozen
+    layers = list(range(len(model.get_decoder().layers)))
+    assert report.layers_trainable == layers and not report.layers_partial and not report.layers_frozen
     has_deepstack = FAMILIES[family].deepstack_mergers is not None
     assert report.deepstack_mergers == ("trainable" if has_deepstack else "absent")
 
     assert report.total == sum(p.numel() for p in model.parameters())
     assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    blocks = model.model.visual.blocks
+    blocks = submodule(model, "visual").blocks
     assert report.counts["vision_blocks"] == (
         sum(p.numel() for p in blocks.parameters() if p.requires_grad),
         sum(p.numel() for p in blocks.parameters()),
@@ -58,8 +59,8 @@ def test_report_counts_add_up(family, plan):
     assert report.total == sum(p.numel() for p in model.parameters())
     assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     for prefix, modules in (
-        ("vision_blocks", model.model.visual.blocks),
-        ("layers", model.model.language_model.layers),
+        ("vision_blocks", submodule(model, "visual").blocks),
+        ("layers", model.get_decoder().layers),
     ):
         for i, module in enumerate(modules):
             flags = {p.requires_grad for p in module.parameters()}

@@ -19,6 +19,7 @@ __all__ = [
     "component_lrs",
     "freeze_plans",
     "module_components",
+    "submodule",
     "tiny_model",
     "weight_decays",
 ]
@@ -29,9 +30,12 @@ FAMILY_NAMES = available_families()  # hypothesis draws only families the instal
 FREEZABLE = (
     "visual.patch_embed",
     "visual.pos_embed",
+    "visual.embeddings",  # GLM-4V
     "visual.blocks",
+    "visual.downsample",  # GLM-4V
     "visual.merger",
     *dict.fromkeys(spec.deepstack_mergers for spec in FAMILIES.values() if spec.deepstack_mergers),
+    "audio_tower",  # Qwen3-Omni
     "embed_tokens",
     "language_model.layers",
     "lm_head",
@@ -78,19 +82,28 @@ def cached_model(family: str):
     return tiny_model(family, seed=0)
 
 
+def submodule(model, attribute: str):
+    """The module held as ``attribute`` anywhere in ``model`` (``visual`` is ``model.model.visual``, or
+    ``model.visual`` in Qwen3-Omni's thinker before 5.x), or ``None``."""
+    return next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == attribute), None)
+
+
 def module_components(model) -> dict[int, str]:
     """``id(param) -> component`` from the module tree, not from names (an oracle independent of ``classify``).
 
-    projector: parameters of ``visual.merger`` and of the deepstack mergers where the family's spec declares
-    them; vision: the other parameters of ``visual``; base: everything else.
+    projector: parameters of ``visual.merger``, of the deepstack mergers where the family's spec declares them and
+    of GLM-4V's ``visual.downsample`` (its 2x2 patch merge into the text width); vision: the other parameters of
+    ``visual``, and Qwen3-Omni's audio encoder (the encoders); base: everything else.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = inner.model.visual
+    visual = submodule(model, "visual")
     projector = {id(p) for p in visual.merger.parameters()}
     deepstack = family_of_model(model).deepstack_mergers
     if deepstack is not None:
         projector |= {id(p) for p in getattr(visual, deepstack).parameters()}
-    vision = {id(p) for p in visual.parameters()} - projector
+    if getattr(visual, "downsample", None) is not None:
+        projector |= {id(p) for p in visual.downsample.parameters()}
+    encoders = [visual] + [m for m in (submodule(model, "audio_tower"),) if m is not None]
+    vision = {id(p) for encoder in encoders for p in encoder.parameters()} - projector
     return {
         id(p): "projector" if id(p) in projector else "vision" if id(p) in vision else "base"
         for p in model.parameters()

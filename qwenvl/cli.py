@@ -4,6 +4,11 @@
 Every option of ``qwenvl verify`` is checked before the first case runs: a bad value is one line naming it
 and the valid choices, exit status 2. What the default run leaves out on this machine (a backend that
 cannot run on a device, a device that is absent) is printed with the reason before the cases start.
+
+After the cases, the golden section checks each family against the tensors recorded under the pinned release
+(``qwenvl.verify.golden``: "transformers changed" is told apart from "our patch differs"); the report (JSON, and
+Markdown with ``--markdown``) holds the cases, the backend/device coverage and the golden drift, and the last line
+says what to do (``qwenvl.verify.report.last_line``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Plan:
 
     cases: list[tuple[str, str, str, str, str]]  # (family, backend, device, dtype name, convention)
     skipped: list[dict] = field(default_factory=list)  # {"backend"?, "device", "reason"}
+    families: list[str] = field(default_factory=list)  # asked for (or all), this release's and the others
 
 
 def _supported_combos() -> dict[str, list[str]]:
@@ -62,6 +68,8 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
     from qwenvl.families import FAMILIES
 
     _check_json_path(parser, args.json)
+    if args.markdown is not None:
+        _check_json_path(parser, args.markdown, option="--markdown")
     skipped = []
 
     if args.device:
@@ -113,6 +121,7 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
 
     version = transformers.__version__
     families = list(dict.fromkeys(args.family or FAMILIES))
+    asked = list(families)
     for family in families:
         spec = FAMILIES[family]
         if spec.available(version):
@@ -131,7 +140,7 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
         for dtype in dtypes[device]
         for convention in conventions
     ]
-    return Plan(cases=cases, skipped=skipped)
+    return Plan(cases=cases, skipped=skipped, families=asked)
 
 
 def _all_backends() -> list[str]:
@@ -140,14 +149,14 @@ def _all_backends() -> list[str]:
     return list(BACKENDS)
 
 
-def _check_json_path(parser: argparse.ArgumentParser, path: str) -> None:
+def _check_json_path(parser: argparse.ArgumentParser, path: str, option: str = "--json") -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        parser.error(f"argument --json: {path} is a directory; give a file path")
+        parser.error(f"argument {option}: {path} is a directory; give a file path")
     if not os.path.isdir(directory):
-        parser.error(f"argument --json: directory {directory} does not exist")
+        parser.error(f"argument {option}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        parser.error(f"argument --json: cannot write {path} (permission denied)")
+        parser.error(f"argument {option}: cannot write {path} (permission denied)")
 
 
 def _skip_line(skipped: list[dict]) -> str:
@@ -217,7 +226,12 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
         start = time.perf_counter()
         dtype = getattr(torch, dtype_name)
         try:
-            row = run_case(family, backend=backend, device=device, dtype=dtype, convention=convention).as_dict()
+            row = run_case(
+                family, backend=backend, device=device, dtype=dtype, convention=convention,
+                compile=args.compile, linear_backend=args.linear_backend,
+            ).as_dict()
+            if args.compile:
+                row["compiled"] = True
         except Exception as exc:  # a crash is a failed case, reported, not a traceback that hides the table
             row = {
                 "family": family, "backend": backend, "device": device, "dtype": dtype_name,
@@ -236,6 +250,7 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
         )
     print()
     print(_format_table(rows))
+    golden = None if args.no_golden else _golden_section(plan.families)
     report = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -243,19 +258,65 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "skipped": plan.skipped,
         "cases": rows,
-        "passed": all(r["passed"] for r in rows),
+        "passed": all(r["passed"] for r in rows) and not (golden is not None and golden.failed),
     }
+    return _finish(args, plan, report, golden)
+
+
+def _golden_section(families: list[str]):
+    """Each family against the golden tensors (CPU, float32), a line per family, then the table."""
+    from qwenvl.verify.golden import check_golden
+    from qwenvl.verify.report import golden_table
+
+    def line(result):
+        numbers = ""
+        if result.unpatched is not None:
+            drift = "-" if result.ref_drift is None else f"{result.ref_drift:.1e}"
+            numbers = (
+                f"unpatched {result.unpatched.ratio:.2f}x, patched {result.patched.ratio:.2f}x of the bound, "
+                f"fp64 drift {drift}; "
+            )
+        print(f"[golden] {result.family}: {result.status} ({numbers}{result.seconds:.1f}s){': ' + result.reason if result.reason else ''}", flush=True)
+
+    print("\ngolden: each family against the tensors recorded under the pinned release (cpu, float32)")
+    golden = check_golden(families, progress=line)
+    print()
+    print(golden_table(golden.as_dict()))
+    return golden
+
+
+def _finish(args, plan: Plan, report: dict, golden) -> int:
+    """Write the JSON (and Markdown) report, print the totals and the last line; the exit status."""
+    from qwenvl.verify.golden import known_drift
+    from qwenvl.verify.report import coverage, finite, last_line, to_markdown
+
+    rows = report["cases"]
+    report["coverage"] = coverage(rows, plan.skipped)
+    report["golden"] = None if golden is None else finite(golden.as_dict())
+    report["summary"] = last_line(report)
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=2, allow_nan=False)
+    written = args.json
+    if args.markdown is not None:
+        with open(args.markdown, "w") as fh:
+            fh.write(to_markdown(report))
+        written += f" and {args.markdown}"
     failed = sum(not r["passed"] for r in rows)
-    print(f"\n{len(rows) - failed} passed, {failed} failed; report written to {args.json}")
+    print(f"\n{len(rows) - failed} passed, {failed} failed; report written to {written}")
     if plan.skipped:
         print(_skip_line(plan.skipped))
-    return 1 if failed or not rows else 0
+    print(report["summary"])
+    golden_failed = golden is not None and golden.failed
+    unexplained = golden is not None and any(
+        f.status in ("transformers changed", "transformers changed; our patch differs") and not known_drift(f.family)
+        for f in golden.families
+    )
+    return 1 if failed or not rows or golden_failed or (args.fail_on_drift and unexplained) else 0
 
 
 def _parser() -> argparse.ArgumentParser:
     from qwenvl.families import FAMILIES
+    from qwenvl.patches._linear import LINEAR_BACKENDS
 
     combos = _supported_combos()
     dtype_names = list(dict.fromkeys(name for names in combos.values() for name in names))
@@ -307,8 +368,29 @@ def _parser() -> argparse.ArgumentParser:
         help=f"packing convention, repeatable; one of: {', '.join(CONVENTIONS)} (default: all)",
     )
     p.add_argument(
+        "--compile", action="store_true",
+        help="run the packed side with regional compilation (qwenvl.patch(model, compile=True)); slow to start",
+    )
+    p.add_argument(
+        "--linear-backend", default="auto", choices=["auto", *LINEAR_BACKENDS], metavar="NAME",
+        help=f"Gated DeltaNet layers of hybrid families; one of: auto, {', '.join(LINEAR_BACKENDS)} (default: auto)",
+    )
+    p.add_argument(
         "--json", default="qwenvl-verify.json", metavar="PATH",
         help="where to write the JSON report (default: %(default)s); its directory must exist and be writable",
+    )
+    p.add_argument(
+        "--markdown", metavar="PATH",
+        help="also write the report as Markdown (summary, backend/device coverage, golden drift, cases)",
+    )
+    p.add_argument(
+        "--no-golden", action="store_true",
+        help="skip the golden section (each family against the tensors recorded under the pinned release)",
+    )
+    p.add_argument(
+        "--fail-on-drift", action="store_true",
+        help="exit 1 when transformers changed a family's outputs in a way not yet explained (a release watch); "
+        "by default drift is reported and only our patch differing fails",
     )
     p.set_defaults(parser=p)
     return parser

@@ -1,4 +1,5 @@
-"""The Qwen-VL families we patch: one registry, ``FAMILIES``, and everything else derives from it.
+"""The families we patch (Qwen2/2.5/3-VL, Qwen3.5, GLM-4V, the Qwen3-Omni-MoE thinker): one registry,
+``FAMILIES``, and everything else derives from it.
 
 The tiny fixtures (``qwenvl.fixtures``), the verify cases (``qwenvl verify``), the test parametrisation and the
 sample builders (``qwenvl.verify.batches``) all read ``FAMILIES``; a per-family layout fact is a field of the
@@ -14,11 +15,151 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["FamilySpec", "FAMILIES", "available_families", "get_family", "family_of_model", "UnknownFamilyError"]
+__all__ = [
+    "FamilySpec",
+    "SpecialTokens",
+    "ReleaseBug",
+    "FAMILIES",
+    "available_families",
+    "get_family",
+    "family_of_model",
+    "UnknownFamilyError",
+]
 
 
 class UnknownFamilyError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The top-level config keys of the token ids that lay out a sample's vision spans.
+
+    Qwen-VL (the defaults)::
+
+        image   <vision_start> <image_pad>... <vision_end>
+        video   <vision_start> <video_pad>... <vision_end>        (per temporal group with ``video_group_spans``)
+
+    GLM-4V fills video frames with the image placeholder; only the video wrapper tells them apart::
+
+        image   <begin_of_image> <image>... <end_of_image>
+        video   <begin_of_video> (<begin_of_image> <image>... <end_of_image> timestamp)... <end_of_video>
+    """
+
+    image: str = "image_token_id"
+    video: str = "video_token_id"  # the placeholder filling a video's spans (GLM-4V: "image_token_id")
+    start: str = "vision_start_token_id"  # opens an image span, or a video (group) span
+    end: str = "vision_end_token_id"
+    video_start: str | None = None  # wraps all of one video's spans (GLM-4V), or None
+    video_end: str | None = None
+
+    @property
+    def shared_placeholder(self) -> bool:
+        """Images and videos fill their spans with one placeholder: transformers then cannot take both kinds in
+        one forward, packed or not (it counts every placeholder as an image feature and as a video feature)."""
+        return self.image == self.video
+
+    def keys(self) -> tuple[str, ...]:
+        """Every config key named here, once, in field order."""
+        names = (self.image, self.video, self.start, self.end, self.video_start, self.video_end)
+        return tuple(dict.fromkeys(name for name in names if name is not None))
+
+
+@dataclass(frozen=True)
+class ReleaseBug:
+    """What some transformers releases cannot run at all for a family, patched or not, and why (the bug named).
+
+    ``what`` is one of:
+        "mixed"          images and videos in one forward (the samples then go to separate rows)
+        "videos"         any video
+        "float64"        the model in float64 (no float64 oracle on the CPU)
+        "four_rows"      4-row positions of an unpacked row (one sample: an ordinary call, left to the model)
+        "unmasked"       an ordinary forward with neither an attention mask nor a cache
+        "router_logits"  ``output_router_logits=True`` (the MoE router loss)
+    """
+
+    since: str  # the first release with the bug
+    until: str  # the first release without it (or the first later one known to be fixed)
+    what: str
+    bug: str
+
+    def applies(self, version: str) -> bool:
+        from packaging.version import Version
+
+        return Version(self.since) <= Version(Version(version).base_version) < Version(self.until)
+
+
+def _glm_bugs(prefix: str) -> tuple[ReleaseBug, ...]:
+    return (
+        ReleaseBug(
+            "4.57.0",
+            "5.0.0",
+            "four_rows",
+            f"{prefix}Model.forward takes (3, B, L) position_ids only: 4-row [text; t; h; w] positions of an unpacked "
+            "row reach the rotary embedding and fail there (5.0 reads the 4-row form)",
+        ),
+        ReleaseBug(
+            "4.57.0",
+            "5.0.0",
+            "unmasked",
+            f"{prefix}TextModel.forward hands its (3, B, L) mrope positions to create_causal_mask, which expects "
+            "(B, L) when a forward has neither an attention mask nor a cache: an expand() error (5.0 passes the "
+            "text row)",
+        ),
+    )
+
+
+_GLM_MOE_BUGS = (
+    ReleaseBug(
+        "4.57.0",
+        "5.0.0",
+        "float64",
+        "Glm4vMoeTextMoE.moe adds the experts' outputs into a buffer of the router weights' dtype, always float32: "
+        "index_add_ refuses float64 outputs (the MoE block was rewritten in 5.0)",
+    ),
+    ReleaseBug(
+        "5.0.0",
+        "5.10.4",
+        "router_logits",
+        "Glm4vMoeForConditionalGeneration.forward reads outputs.router_logits, a field its model output "
+        "(Glm4vMoeModelOutputWithPast) lacks: output_router_logits=True raises AttributeError (fixed by 5.10.4)",
+    ),
+)
+
+_OMNI_BUGS = (
+    ReleaseBug(
+        "4.57.0",
+        "5.0.0",
+        "mixed",
+        "Qwen3OmniMoeThinkerForConditionalGeneration.forward joins the image and video deepstack features with masks "
+        "expanded to (B, L, hidden): a shape mismatch whenever a forward holds both (huggingface/transformers#41680, "
+        "fixed in 5.0 by #41741)",
+    ),
+    ReleaseBug(
+        "5.0.0",
+        "5.1.0",
+        "videos",
+        "Qwen3OmniMoeThinkerForConditionalGeneration.forward unpacks get_video_features(...).pooler_output into two "
+        "values: 'too many values to unpack' for any video (huggingface/transformers#43540, fixed by #43588)",
+    ),
+    ReleaseBug(
+        "5.0.0",
+        "5.10.4",
+        "router_logits",
+        "Qwen3OmniMoeThinkerTextModel records router_logits as output 1 of its sparse MoE block, which returns the "
+        "hidden states alone: output_router_logits=True fails in load_balancing_loss_func ('Class values must be "
+        "smaller than num_classes'; fixed by 5.10.4)",
+    ),
+)
+
+
+_GLM_TOKENS = SpecialTokens(
+    video="image_token_id",
+    start="image_start_token_id",
+    end="image_end_token_id",
+    video_start="video_start_token_id",
+    video_end="video_end_token_id",
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +176,8 @@ class FamilySpec:
         vision_attention: the vision attention class (non-causal, builds its own cu_seqlens).
         mask_builders: module globals that build the text attention masks.
         aux_loss: module global computing the MoE router loss from the top-level attention mask; ``None`` for a
-            dense family.
+            dense family. A release whose entry classes compute no router loss may lack it (GLM-4V-MoE before
+            5.0); one whose entry classes still call it must have it.
 
     Layout facts (defaults are Qwen2-VL's):
         fixture: the tiny config ``fixtures/configs/<fixture>.json``; defaults to ``name``.
@@ -58,6 +200,12 @@ class FamilySpec:
 
                 False:  <vs> v v v v v v v v <ve>                 (t=2 groups of 4 merged patches)
                 True:   <ts> <vs> v v v v <ve> <ts> <vs> v v v v <ve>
+
+        tokens: the config keys of the layout's special token ids (``SpecialTokens``; GLM-4V names them
+            differently, reuses the image placeholder for video frames and wraps a video in its own pair).
+        release_bugs: what some releases cannot run at all for this family, unpatched (``ReleaseBug``): the
+            harness refuses those inputs naming the bug (``qwenvl.verify.batches.UpstreamLimit``) and the tests
+            skip them, instead of a crash deep inside transformers.
     """
 
     name: str
@@ -75,6 +223,8 @@ class FamilySpec:
     min_transformers: str = "4.57.0"
     linear_attention: str | None = None
     linear_attention_masks: tuple[str, ...] = ()
+    tokens: SpecialTokens = SpecialTokens()
+    release_bugs: tuple[ReleaseBug, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.fixture:
@@ -92,6 +242,22 @@ class FamilySpec:
 
             version = transformers.__version__
         return Version(Version(version).base_version) >= Version(self.min_transformers)
+
+    def release_bug(self, what: str, version: str | None = None) -> str | None:
+        """Why the installed (or given) release cannot run ``what`` (see ``ReleaseBug``), or ``None``."""
+        if version is None:
+            import transformers
+
+            version = transformers.__version__
+        for bug in self.release_bugs:
+            if bug.what == what and bug.applies(version):
+                return f"transformers {version}: {bug.bug}"
+        return None
+
+    def mixes_media(self, version: str | None = None) -> bool:
+        """Whether one forward can hold images and videos on the installed (or given) release: not where they
+        share a placeholder (GLM-4V), nor where a release bug forbids it."""
+        return not self.tokens.shared_placeholder and self.release_bug("mixed", version) is None
 
 
 def _registry(*specs: FamilySpec) -> dict[str, FamilySpec]:
@@ -174,6 +340,49 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         min_transformers="5.2.0",
         linear_attention="Qwen3_5MoeGatedDeltaNet",
         linear_attention_masks=("create_recurrent_attention_mask", "Qwen3_5MoeTextModel._update_linear_attn_mask"),
+    ),
+    FamilySpec(
+        name="glm4v",
+        module="transformers.models.glm4v.modeling_glm4v",
+        config_class="Glm4vConfig",
+        entry_classes=("Glm4vForConditionalGeneration", "Glm4vModel"),
+        text_attention="Glm4vTextAttention",
+        vision_attention="Glm4vVisionAttention",
+        mask_builders=("create_causal_mask",),
+        merger_width_key="out_hidden_size",
+        video_group_spans=True,
+        tokens=_GLM_TOKENS,
+        release_bugs=_glm_bugs("Glm4v"),
+    ),
+    FamilySpec(
+        name="glm4v_moe",
+        module="transformers.models.glm4v_moe.modeling_glm4v_moe",
+        config_class="Glm4vMoeConfig",
+        entry_classes=("Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
+        text_attention="Glm4vMoeTextAttention",
+        vision_attention="Glm4vMoeVisionAttention",
+        mask_builders=("create_causal_mask",),
+        aux_loss="load_balancing_loss_func",  # absent from 4.57, which computes no router loss for it
+        merger_width_key="out_hidden_size",
+        video_group_spans=True,
+        tokens=_GLM_TOKENS,
+        release_bugs=_glm_bugs("Glm4vMoe") + _GLM_MOE_BUGS,
+    ),
+    # Qwen3-Omni-MoE's thinker: the part that reads text, images, videos (and audio) and writes text; the talker
+    # and the code2wav vocoder are not trained on packed rows here. Its config's model_type names the family.
+    FamilySpec(
+        name="qwen3_omni_moe_thinker",
+        fixture="qwen3_omni_moe",
+        module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
+        config_class="Qwen3OmniMoeThinkerConfig",
+        entry_classes=("Qwen3OmniMoeThinkerForConditionalGeneration",),
+        text_attention="Qwen3OmniMoeThinkerTextAttention",
+        vision_attention="Qwen3OmniMoeVisionAttention",
+        mask_builders=("create_causal_mask",),
+        aux_loss="load_balancing_loss_func",
+        merger_width_key="out_hidden_size",
+        deepstack_mergers="merger_list",
+        release_bugs=_OMNI_BUGS,
     ),
 )
 

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from qwenvl.families import get_family
+
 __all__ = ["rope_index", "mm_token_type_ids", "packed_position_ids"]
 
 
@@ -29,10 +31,25 @@ def _rope_owner(model):
 
 
 def mm_token_type_ids(config, input_ids_BL: torch.Tensor) -> torch.Tensor:
-    """int32 ``(B, L)``: 0 for text, 1 for image tokens, 2 for video tokens (the 5.3+ processor output)."""
+    """int32 ``(B, L)``: 0 for text, 1 for image tokens, 2 for video tokens (the 5.3+ processor output).
+
+    GLM-4V fills video frames with the image placeholder: there a placeholder is a video token when it lies
+    inside a ``<begin_of_video> ... <end_of_video>`` span (what ``Glm4vProcessor.create_mm_token_type_ids`` does)::
+
+        ids    <boi> <img> <img> <eoi>  <bov> <boi> <img> <eoi> 0 <boi> <img> <eoi> 1 <eov>
+        types    0     1     1     0      0     0     2     0   0   0     2     0   0   0
+    """
+    keys = get_family(config.model_type).tokens
+    image_BL = input_ids_BL == getattr(config, keys.image)
+    video_BL = input_ids_BL == getattr(config, keys.video)
+    if keys.video_start is not None:
+        opened_BL = torch.cumsum(input_ids_BL == getattr(config, keys.video_start), dim=-1)
+        closed_BL = torch.cumsum(input_ids_BL == getattr(config, keys.video_end), dim=-1)
+        video_BL = video_BL & (opened_BL > closed_BL)
+        image_BL = image_BL & ~video_BL
     types = torch.zeros_like(input_ids_BL, dtype=torch.int32)
-    types[input_ids_BL == config.image_token_id] = 1
-    types[input_ids_BL == config.video_token_id] = 2
+    types[image_BL] = 1
+    types[video_BL] = 2
     return types
 
 
@@ -48,13 +65,22 @@ def rope_index(
     """The model's own mrope position ids, int64 ``(3, B, L)``, whatever the release's signature."""
     owner = _rope_owner(model)
     params = inspect.signature(owner.get_rope_index).parameters
+    if attention_mask_BL is None:
+        # Qwen3-Omni's thinker indexes the mask unconditionally; all ones is what "no mask" means for the others.
+        attention_mask_BL = torch.ones_like(input_ids_BL)
     kwargs = {"image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw, "attention_mask": attention_mask_BL}
     if "mm_token_type_ids" in params:
         kwargs["mm_token_type_ids"] = mm_token_type_ids(owner.config, input_ids_BL)
+    # Qwen2.5-VL names the video spacing second_per_grid_ts (optional); Qwen3-Omni second_per_grids (required
+    # with a video: there the default is its processor's, temporal_patch_size / fps at fps 1).
+    seconds = next((name for name in ("second_per_grid_ts", "second_per_grids") if name in params), None)
+    if second_per_grid_ts is None and seconds == "second_per_grids" and video_grid_thw is not None:
+        temporal_patch = float(owner.config.vision_config.temporal_patch_size)
+        second_per_grid_ts = torch.full((len(video_grid_thw),), temporal_patch)
     if second_per_grid_ts is not None:
-        if "second_per_grid_ts" not in params:
+        if seconds is None:
             raise ValueError(f"{type(owner).__name__}.get_rope_index takes no second_per_grid_ts")
-        kwargs["second_per_grid_ts"] = second_per_grid_ts
+        kwargs[seconds] = second_per_grid_ts
     position_ids, _ = owner.get_rope_index(input_ids_BL, **kwargs)
     return position_ids
 

@@ -13,14 +13,20 @@ bytes change, and a second run reports "0 written". Nothing is downloaded. What 
     fixtures/tokenizer/             byte-level BPE trained on the demo text (500 ids) + Qwen special tokens
     fixtures/models/<fixture>/      config.json, model.safetensors (random init, seed 0, float32), the
                                     processor files (image and video processor configs, chat template) and
-                                    the tokenizer files; loadable by AutoModelForImageTextToText and
-                                    AutoProcessor offline. reference.json holds a few logits of a fixed input,
-                                    so a test can prove another transformers release reads the weights alike.
+                                    the tokenizer files; loadable by the family's entry class and AutoProcessor
+                                    offline. reference.json holds a few logits of a fixed input, so a test can
+                                    prove another transformers release reads the weights alike.
 
 Token ids (the special ids must equal the configs' ``*_token_id`` fields; the tests check):
 
     0 <|endoftext|> (pad)   1 <|im_start|>   2 <|im_end|> (eos)   3..258 the 256 bytes   259..499 merges
     500 <|image_pad|>   501 <|video_pad|>   502 <|vision_start|>   503 <|vision_end|>   504.. the rest
+
+A family whose processor looks its tokens up by other names has its own tokenizer files, the same BPE with other
+special tokens (``TOKENIZER_VARIANTS``): GLM-4V names 500..503 <|image|> <|video|> <|begin_of_image|>
+<|end_of_image|> and adds 509 <|begin_of_video|>, 510 <|end_of_video|>; Qwen3-Omni adds 509 <|audio_pad|>,
+510 <|audio_start|>, 511 <|audio_end|> and names them all as tokenizer attributes (its processor reads
+``tokenizer.image_token``, ``tokenizer.vision_bos_token``, ...).
 """
 
 from __future__ import annotations
@@ -217,6 +223,29 @@ LATE_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 LATE_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # added, not special (as in Qwen3)
 VOCAB_SIZE = 512
 
+# Per family config class, the tokenizer its processor needs when it differs from the shared one:
+# (the specials at 500..504, the specials added after LATE_TOKENS from 509 on, tokenizer attributes naming tokens).
+GLM_SPECIALS = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|vision_pad|>"]
+GLM_TOKENIZER = (GLM_SPECIALS, ["<|begin_of_video|>", "<|end_of_video|>"], {})
+OMNI_TOKENIZER = (
+    LATE_SPECIALS,
+    ["<|audio_pad|>", "<|audio_start|>", "<|audio_end|>"],
+    {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "audio_token": "<|audio_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+        "audio_bos_token": "<|audio_start|>",
+        "audio_eos_token": "<|audio_end|>",
+    },
+)
+TOKENIZER_VARIANTS = {
+    "Glm4vConfig": GLM_TOKENIZER,
+    "Glm4vMoeConfig": GLM_TOKENIZER,
+    "Qwen3OmniMoeThinkerConfig": OMNI_TOKENIZER,
+}
+
 # Qwen2's pre-tokenizer: transformers 5.x rebuilds exactly this pipeline around the vocab and merges of
 # tokenizer.json (``Qwen2Tokenizer.__init__``); 4.x reads tokenizer.json as it is. Both must agree.
 PRETOKENIZE_REGEX = (
@@ -248,7 +277,7 @@ def corpus(rows: list[dict]) -> list[str]:
     return lines
 
 
-def train_tokenizer(rows: list[dict]):
+def train_tokenizer(rows: list[dict], late_specials: list[str] = LATE_SPECIALS, extra_specials: list[str] = ()):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -270,18 +299,23 @@ def train_tokenizer(rows: list[dict]):
     tokenizer.train_from_iterator(corpus(rows), trainer=trainer)
     if tokenizer.get_vocab_size() != TRAINED_VOCAB:
         raise RuntimeError(f"BPE reached {tokenizer.get_vocab_size()} ids, not {TRAINED_VOCAB}: add demo text")
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LATE_SPECIALS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in late_specials])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in LATE_TOKENS])
+    if extra_specials:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_specials])
     if tokenizer.get_vocab_size() > VOCAB_SIZE:
         raise RuntimeError(f"{tokenizer.get_vocab_size()} ids do not fit the configs' vocab of {VOCAB_SIZE}")
     return tokenizer
 
 
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """tokenizer.json and a tokenizer_config.json shaped like the real Qwen2-VL one (read by 4.57 and 5.x)."""
+def tokenizer_files(
+    tokenizer, late_specials: list[str] = LATE_SPECIALS, extra_specials: list[str] = (), attributes: dict | None = None
+) -> dict[str, bytes]:
+    """tokenizer.json and a tokenizer_config.json shaped like the real Qwen2-VL one (read by 4.57 and 5.x);
+    ``attributes`` name tokens for a processor (``extra_special_tokens``: ``tokenizer.image_token`` ...)."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     decoder = {}
-    for token in BASE_SPECIALS + LATE_SPECIALS + LATE_TOKENS:
+    for token in BASE_SPECIALS + late_specials + LATE_TOKENS + list(extra_specials):
         decoder[str(vocab[token])] = {
             "content": token,
             "lstrip": False,
@@ -294,7 +328,7 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": BASE_SPECIALS[1:] + LATE_SPECIALS,
+        "additional_special_tokens": BASE_SPECIALS[1:] + late_specials + list(extra_specials),
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
@@ -305,6 +339,8 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if attributes:
+        config["extra_special_tokens"] = attributes
     return {
         "tokenizer.json": tokenizer.to_str(pretty=True).encode() + b"\n",
         "tokenizer_config.json": dumps(config),
@@ -314,7 +350,7 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
 # Chat templates: written for these fixtures after the shape of the released Qwen-VL templates (ChatML turns,
 # one <|vision_start|><|image_pad|><|vision_end|> per image, optional "Picture N: " labels).
 
-_CONTENT = """\
+_CONTENT_TEMPLATE = """\
 {%- macro render_content(content) -%}
     {%- if content is string -%}
         {{- content -}}
@@ -323,11 +359,11 @@ _CONTENT = """\
             {%- if part.type == 'image' or 'image' in part or 'image_url' in part -%}
                 {%- set counts.image = counts.image + 1 -%}
                 {%- if add_vision_id -%}{{- 'Picture ' ~ counts.image ~ ': ' -}}{%- endif -%}
-                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+                {{- 'IMAGE_SPAN' -}}
             {%- elif part.type == 'video' or 'video' in part -%}
                 {%- set counts.video = counts.video + 1 -%}
                 {%- if add_vision_id -%}{{- 'Video ' ~ counts.video ~ ': ' -}}{%- endif -%}
-                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+                {{- 'VIDEO_SPAN' -}}
             {%- elif 'text' in part -%}
                 {{- part.text -}}
             {%- endif -%}
@@ -335,6 +371,13 @@ _CONTENT = """\
     {%- endif -%}
 {%- endmacro -%}
 """
+
+
+def _content(image_span: str, video_span: str) -> str:
+    return _CONTENT_TEMPLATE.replace("IMAGE_SPAN", image_span).replace("VIDEO_SPAN", video_span)
+
+
+_CONTENT = _content("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
 
 # Qwen2-VL and Qwen2.5-VL: a default system prompt when the conversation has none.
 QWEN2_TEMPLATE = (
@@ -398,6 +441,12 @@ QWEN3_TEMPLATE = (
 """
 )
 
+# GLM-4V's spans (its processor expands the video placeholder into timestamped <|begin_of_image|> ... <|end_of_image|>
+# frames), in the Qwen3 turns: these fixtures share the Qwen tokenizer's role markers.
+GLM_TEMPLATE = QWEN3_TEMPLATE.replace(
+    _CONTENT, _content("<|begin_of_image|><|image|><|end_of_image|>", "<|begin_of_video|><|video|><|end_of_video|>")
+)
+
 # Processor configs. Tiny vision sizes: patch 4, temporal patch 2, merge 2 (a factor of 8 pixels per merged token).
 # Images are resized to between 16x16 and 32x32 pixels' area: a 64x64 picture gives 8x8 patches, 16 tokens.
 # Video frames go to 16x16: 4 tokens per temporal pair of frames.
@@ -417,10 +466,49 @@ PROCESSORS = {
     "Qwen3VLMoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
     "Qwen3_5Config": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
     "Qwen3_5MoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
+    "Glm4vConfig": ("Glm4vProcessor", CLIP_MEAN, CLIP_STD, GLM_TEMPLATE, "Glm4vVideoProcessor"),
+    "Glm4vMoeConfig": ("Glm4vProcessor", CLIP_MEAN, CLIP_STD, GLM_TEMPLATE, "Glm4vVideoProcessor"),
+    "Qwen3OmniMoeThinkerConfig": ("Qwen3OmniMoeProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen2VLVideoProcessor"),
+}
+
+# Qwen3-Omni's processor also holds an audio feature extractor (Whisper's log-mel), configured in the same
+# preprocessor_config.json as the image processor; its mel bins are the tiny audio tower's.
+WHISPER_FEATURES = {
+    "chunk_length": 300,
+    "dither": 0.0,
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "hop_length": 160,
+    "n_fft": 400,
+    "n_samples": 4800000,
+    "nb_max_frames": 30000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "sampling_rate": 16000,
 }
 
 
-def processor_files(config_class: str) -> dict[str, bytes]:
+def _glm_processors(common: dict) -> tuple[dict, dict]:
+    """GLM-4V's own image and video processors bound the pixels of temporal_patch_size frames (an image counts
+    twice): the same 16x16..32x32 pixels per frame as the Qwen ones, 8 frames at 4 fps sampled at 2 fps."""
+    image = {
+        **common,
+        "image_processor_type": "Glm4vImageProcessor",
+        "size": {"shortest_edge": TEMPORAL_PATCH * IMAGE_MIN_PIXELS, "longest_edge": TEMPORAL_PATCH * IMAGE_MAX_PIXELS},
+    }
+    video = {
+        **common,
+        "video_processor_type": "Glm4vVideoProcessor",
+        "size": {"shortest_edge": 4 * VIDEO_MIN_PIXELS, "longest_edge": 4 * VIDEO_MAX_PIXELS},
+        "max_image_size": {"longest_edge": 4 * VIDEO_MAX_PIXELS},
+        "do_sample_frames": True,
+        "fps": 2,
+        "max_duration": 300,
+    }
+    return image, video
+
+
+def processor_files(config_class: str, audio_config: dict | None = None) -> dict[str, bytes]:
     processor_class, mean, std, template, video_type = PROCESSORS[config_class]
     common = {
         "do_convert_rgb": True,
@@ -443,7 +531,9 @@ def processor_files(config_class: str) -> dict[str, bytes]:
         "max_pixels": IMAGE_MAX_PIXELS,
         "size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
     }
-    if video_type == "Qwen2VLVideoProcessor":
+    if video_type == "Glm4vVideoProcessor":
+        image, video = _glm_processors(common)
+    elif video_type == "Qwen2VLVideoProcessor":
         video = {
             **common,
             "video_processor_type": video_type,
@@ -463,6 +553,8 @@ def processor_files(config_class: str) -> dict[str, bytes]:
             "min_frames": 2,
             "max_frames": 16,
         }
+    if audio_config is not None:
+        image = {**image, **WHISPER_FEATURES, "feature_size": audio_config["num_mel_bins"]}
     return {
         "preprocessor_config.json": dumps(image),
         "video_preprocessor_config.json": dumps(video),
@@ -541,11 +633,20 @@ def build() -> dict[str, bytes]:
     rows = demo_rows()
     files["demo/data.json"] = dumps(rows)
 
-    tokenizer = tokenizer_files(train_tokenizer(rows))
-    files.update({f"tokenizer/{name}": data for name, data in tokenizer.items()})
+    shared = tokenizer_files(train_tokenizer(rows))
+    files.update({f"tokenizer/{name}": data for name, data in shared.items()})
+    variants = {}
     for spec in FAMILIES.values():
         folder = f"models/{spec.fixture}"
-        for name, data in {**model_files(spec), **processor_files(spec.config_class), **tokenizer}.items():
+        tokenizer = shared
+        if spec.config_class in TOKENIZER_VARIANTS:
+            late, extra, attributes = TOKENIZER_VARIANTS[spec.config_class]
+            key = (tuple(late), tuple(extra))  # GLM-4V and GLM-4V-MoE share theirs
+            if key not in variants:
+                variants[key] = tokenizer_files(train_tokenizer(rows, late, extra), late, extra, attributes)
+            tokenizer = variants[key]
+        audio = model_config(spec).get("audio_config")
+        for name, data in {**model_files(spec), **processor_files(spec.config_class, audio), **tokenizer}.items():
             files[f"{folder}/{name}"] = data
     return files
 

@@ -32,7 +32,7 @@ from qwenvl.patches import _dispatch, _linear
 from qwenvl.patches._handle import MISSING, PatchRecorder
 from qwenvl.patches._versions import check_transformers_version
 
-__all__ = ["patch", "PatchHandle", "PatchError", "active_patch", "VARLEN_IMPLEMENTATION"]
+__all__ = ["patch", "PatchHandle", "PatchError", "UnknownFamilyError", "active_patch", "VARLEN_IMPLEMENTATION"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,10 @@ def _check_family(spec: FamilySpec) -> list[str]:
     if spec.aux_loss is not None:
         fn = getattr(module, spec.aux_loss, None)
         if fn is None:
-            problems.append(f"{spec.module}.{spec.aux_loss} is missing")
+            # A release whose entry classes compute no router loss (GLM-4V-MoE on 4.57) has none to patch; one
+            # whose entry classes still call it but no longer define it as a module global has moved it: refuse.
+            if any(spec.aux_loss in _source(getattr(module, c)) for c in spec.entry_classes if hasattr(module, c)):
+                problems.append(f"{spec.module}.{spec.aux_loss} is missing")
         elif "attention_mask" not in inspect.signature(fn).parameters:
             problems.append(f"{spec.aux_loss} has no attention_mask parameter")
     return problems
@@ -186,7 +189,7 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
         module, "ALL_ATTENTION_FUNCTIONS", _dispatch.DispatchingAttentionFunctions(module.ALL_ATTENTION_FUNCTIONS, state)
     )
     recorder.setattr(module, "eager_attention_forward", _dispatch.dispatcher(module.eager_attention_forward, state))
-    if spec.aux_loss is not None:
+    if spec.aux_loss is not None and hasattr(module, spec.aux_loss):
         recorder.setattr(module, spec.aux_loss, _dispatch.aux_loss(getattr(module, spec.aux_loss)))
     if spec.linear_attention is not None:
         cls = getattr(module, spec.linear_attention)

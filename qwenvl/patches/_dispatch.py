@@ -213,6 +213,11 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
         raise ValueError(
             f"cu_seqlens {list(meta.offsets)} must put a boundary at every row start of the {rows} x {row_len} batch"
         )
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        # The text row only said where samples start, which the VarlenMeta now says; every release takes the
+        # (3, B, L) mrope rows, not every one the 4-row form (GLM-4V and GLM-4V-MoE on 4.57 take 3 rows only).
+        kwargs["position_ids"] = position_ids[1:]
     kwargs["attention_mask"] = meta
     return meta
 

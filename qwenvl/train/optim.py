@@ -5,8 +5,15 @@ suffixes such as ``.lora_A.default.weight`` change nothing)::
 
     model.visual.merger.*                      projector   lr = mm_projector_lr, else lr
     model.visual.deepstack_merger_list.N.*     projector   (Qwen3-VL: also maps vision features to text width)
+    model.visual.merger_list.N.*               projector   (Qwen3-Omni's deepstack mergers)
+    model.visual.downsample.*                  projector   (GLM-4V: the 2x2 patch merge, a strided conv)
     model.visual.*  (patch_embed, blocks, ...) vision      lr = vision_tower_lr, else lr
+    audio_tower.*                              vision      (Qwen3-Omni's audio encoder: the other tower)
     everything else (language model, lm_head)  base        lr
+
+"vision" is the encoder towers: Qwen3-Omni's audio encoder goes with the vision tower, so that freezing the
+towers (``--tune_mm_vision False``) or giving them their own rate (``--vision_tower_lr``) covers it too, instead
+of it training at the language model's rate on data that never feeds it.
 
 Each component is split into a decay and a no-decay group. A learning rate of ``0.0`` means zero, never
 "unset"; ``None`` means "use the base learning rate".
@@ -33,10 +40,14 @@ COMPONENTS: tuple[Component, ...] = ("base", "vision", "projector")
 
 
 def classify(name: str) -> Component:
-    """The component a parameter belongs to, from its (possibly PEFT-prefixed) name."""
-    if "merger" in name:
+    """The component a parameter belongs to, from its (possibly PEFT-prefixed) name.
+
+    GLM-4V's ``visual.downsample`` (a 2x2 stride-2 conv from the tower's width to the text width) does what the
+    first half of Qwen's merger does: projector.
+    """
+    if "merger" in name or "visual.downsample." in name:
         return "projector"
-    if "visual" in name:
+    if "visual" in name or "audio_tower" in name:
         return "vision"
     return "base"
 

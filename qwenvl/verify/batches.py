@@ -6,7 +6,15 @@ One sample (Qwen2/2.5-VL)::
 
 A family whose spec has ``video_group_spans`` (Qwen3-VL, Qwen3-VL-MoE) gives every temporal group of a video
 its own ``<vision_start> ... <vision_end>`` (the processor puts a timestamp before each group; here a text token
-stands in for it).
+stands in for it). The token ids come from the config keys the spec names (``FamilySpec.tokens``); GLM-4V
+fills video frames with the image placeholder and wraps the whole video in ``<begin_of_video> ... <end_of_video>``::
+
+    <bov> <ts> <boi> <img> x (h*w/4) <eoi> <ts> <boi> <img> x (h*w/4) <eoi> <eov>
+
+Such a family (``tokens.shared_placeholder``) cannot take images and videos in one forward, packed or not:
+``make_sample`` refuses a sample with both, ``pack`` a row mixing them (``split_by_media`` orders samples into
+rows that each hold one kind). What some releases cannot run at all, unpatched (``FamilySpec.release_bugs``, the
+transformers bug named), is refused the same way (``UpstreamLimit``) instead of crashing deep inside the model.
 
 A packed batch concatenates samples along the token axis: ``input_ids (1, T)``, ``cu_seqlens`` int32,
 positions ``(3, 1, T)`` (upstream convention) or ``(4, 1, T)`` with the text row restarting at 0 (the
@@ -20,13 +28,53 @@ from typing import Sequence
 
 import torch
 
-from qwenvl.families import get_family
+from qwenvl.families import FAMILIES, get_family
 from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens
 from qwenvl.positions import rope_index
 
-__all__ = ["SampleSpec", "Sample", "PackedBatch", "make_sample", "pack"]
+__all__ = [
+    "SampleSpec",
+    "Sample",
+    "PackedBatch",
+    "make_sample",
+    "pack",
+    "split_by_media",
+    "mixes_media",
+    "runnable_specs",
+    "UPSTREAM_LIMITS",
+    "UpstreamLimit",
+    "upstream_limit",
+]
 
-_TEXT_LOW, _TEXT_HIGH = 3, 500  # clear of pad (0), bos/eos (1, 2) and the vision ids (500-503)
+_TEXT_LOW, _TEXT_HIGH = 3, 500  # clear of pad (0), bos/eos (1, 2) and the vision ids (500-511)
+
+
+class UpstreamLimit(RuntimeError):
+    """The installed transformers release cannot run this input at all, patched or not (a named upstream bug)."""
+
+
+# The release bugs of every family (``FamilySpec.release_bugs``), by family: derived, never edited.
+UPSTREAM_LIMITS = {name: spec.release_bugs for name, spec in FAMILIES.items() if spec.release_bugs}
+
+
+def upstream_limit(family: str, what: str, version: str | None = None) -> str | None:
+    """Why the installed (or given) release cannot run ``what`` for ``family`` (``FamilySpec.release_bug``), or
+    ``None`` when it can."""
+    return get_family(family).release_bug(what, version)
+
+
+def mixes_media(family: str) -> bool:
+    """Whether one forward of ``family`` can hold images and videos on the installed release."""
+    return get_family(family).mixes_media()
+
+
+def runnable_specs(family: str, specs: Sequence["SampleSpec"]) -> list["SampleSpec"]:
+    """``specs`` where a sample holding an image and a video keeps its video only, if one forward of ``family``
+    cannot hold both on the installed release (``mixes_media``): no release can run such a sample, patched or
+    not. For drawn specs; samples of different kinds then go to separate rows (``split_by_media``)."""
+    if mixes_media(family):
+        return list(specs)
+    return [SampleSpec(s.text, None, s.video) if s.image is not None and s.video is not None else s for s in specs]
 
 
 @dataclass(frozen=True)
@@ -61,16 +109,23 @@ def make_sample(config, spec: SampleSpec, *, generator: torch.Generator) -> Samp
         raise ValueError(f"a sample needs text >= 0 tokens, got {spec.text}")
     vision = config.vision_config
     merge = vision.spatial_merge_size**2
-    per_group = get_family(config.model_type).video_group_spans
+    family = get_family(config.model_type)
+    per_group, keys = family.video_group_spans, family.tokens
+    if spec.image is not None and spec.video is not None and not mixes_media(family.name):
+        raise _mixing_error(family.name, "a sample")
+    if spec.video is not None and (why := upstream_limit(family.name, "videos")):
+        raise UpstreamLimit(why)
 
     def text(n):
         return torch.randint(_TEXT_LOW, _TEXT_HIGH, (n,), generator=generator)
 
-    def vision_span(token_id, t, h, w):
+    def token(key):
+        return torch.tensor([getattr(config, key)])
+
+    def vision_span(key, t, h, w):
         if h % 2 or w % 2:
             raise ValueError(f"image/video grids need even h and w (2x2 merger), got {(t, h, w)}")
-        start = torch.tensor([config.vision_start_token_id])
-        end = torch.tensor([config.vision_end_token_id])
+        start, end, token_id = token(keys.start), token(keys.end), getattr(config, key)
         if per_group and t > 1:
             group = torch.full((h * w // merge,), token_id)
             pieces = []
@@ -84,12 +139,15 @@ def make_sample(config, spec: SampleSpec, *, generator: torch.Generator) -> Samp
     sample = Sample(input_ids=torch.empty(0, dtype=torch.long))
     if spec.image is not None:
         h, w = spec.image
-        pieces.append(vision_span(config.image_token_id, 1, h, w))
+        pieces.append(vision_span(keys.image, 1, h, w))
         sample.pixel_values = torch.randn(h * w, _patch_dim(vision), generator=generator)
         sample.image_grid_thw = torch.tensor([[1, h, w]])
     if spec.video is not None:
         t, h, w = spec.video
-        pieces.append(vision_span(config.video_token_id, t, h, w))
+        span = vision_span(keys.video, t, h, w)
+        if keys.video_start is not None:
+            span = torch.cat([token(keys.video_start), span, token(keys.video_end)])
+        pieces.append(span)
         sample.pixel_values_videos = torch.randn(t * h * w, _patch_dim(vision), generator=generator)
         sample.video_grid_thw = torch.tensor([[t, h, w]])
     pieces.append(text(spec.text - first))
@@ -114,6 +172,7 @@ class PackedBatch:
     image_grid_thw: torch.Tensor | None
     pixel_values_videos: torch.Tensor | None
     video_grid_thw: torch.Tensor | None
+    family: str | None = None  # whose release bugs apply (``FamilySpec.release_bugs``), when known
 
     def vision_inputs(self) -> dict:
         out = {}
@@ -137,6 +196,8 @@ class PackedBatch:
         four_rows = torch.cat([text_row.view(1, 1, -1).to(self.position_ids.dtype), self.position_ids])
         inputs["position_ids"] = four_rows
         if convention == "hf_positions":
+            if self.family is not None and len(self.cu_seqlens) == 2 and (why := upstream_limit(self.family, "four_rows")):
+                raise UpstreamLimit(why)
             return inputs
         if convention == "hf_kwargs":
             max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
@@ -178,10 +239,37 @@ def sample_inputs(model, sample: Sample, device=None) -> dict:
     return inputs
 
 
+def _mixing_error(family: str, what: str) -> Exception:
+    if get_family(family).tokens.shared_placeholder:
+        return ValueError(
+            f"{family} fills images and videos with one placeholder: transformers cannot run {what} with both "
+            "in one forward; put them in separate rows (split_by_media)"
+        )
+    return UpstreamLimit(upstream_limit(family, "mixed"))
+
+
+def split_by_media(config, samples: Sequence[Sample]) -> list[list[Sample]]:
+    """The samples in rows that one forward can take: all of them in one row, except where images and videos
+    cannot share a forward (``mixes_media``: GLM-4V) and both are there; then the samples with an image make one
+    row and the others (videos, text) a second::
+
+        [img, txt, vid, txt, img]   ->   [[img, img], [txt, vid, txt]]      (order kept inside each row)
+    """
+    with_image = [s for s in samples if s.image_grid_thw is not None]
+    others = [s for s in samples if s.image_grid_thw is None]
+    if mixes_media(config.model_type) or not with_image or all(s.video_grid_thw is None for s in others):
+        return [list(samples)]
+    return [with_image, others]
+
+
 def pack(model, samples: Sequence[Sample]) -> PackedBatch:
     """Concatenate samples into one packed row with each sample's own positions."""
     if not samples:
         raise ValueError("pack needs at least one sample")
+    has_image = any(s.image_grid_thw is not None for s in samples)
+    has_video = any(s.video_grid_thw is not None for s in samples)
+    if has_image and has_video and not mixes_media(model.config.model_type):
+        raise _mixing_error(model.config.model_type, "a packed row")
     lengths = torch.tensor([len(s) for s in samples])
     positions = [
         rope_index(model, s.input_ids[None], image_grid_thw=s.image_grid_thw, video_grid_thw=s.video_grid_thw)[:, 0]
@@ -196,4 +284,5 @@ def pack(model, samples: Sequence[Sample]) -> PackedBatch:
         image_grid_thw=_cat([s.image_grid_thw for s in samples]),
         pixel_values_videos=_cat([s.pixel_values_videos for s in samples]),
         video_grid_thw=_cat([s.video_grid_thw for s in samples]),
+        family=model.config.model_type,
     )

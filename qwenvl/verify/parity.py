@@ -20,12 +20,23 @@ from typing import Sequence
 import torch
 
 from qwenvl.tolerances import judge, reference_dtype, tolerance
-from qwenvl.verify.batches import Sample, SampleSpec, make_sample, pack, sample_inputs
+from qwenvl.verify.batches import (
+    Sample,
+    SampleSpec,
+    UpstreamLimit,
+    make_sample,
+    pack,
+    sample_inputs,
+    split_by_media,
+    upstream_limit,
+)
 
 __all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
 
 
-# A fixed, varied set for `qwenvl verify`: an image, plain text, a two-group video, one token.
+# A fixed, varied set for `qwenvl verify`: an image, plain text, a two-group video, one token. Where one forward
+# cannot hold images and videos (GLM-4V, whose images and videos share a placeholder; Qwen3-Omni on 4.57) it runs as
+# two packed rows: the image samples, then the others (``split_by_media``).
 DEFAULT_SPECS = (
     SampleSpec(text=9, image=(4, 4)),
     SampleSpec(text=23),
@@ -74,15 +85,21 @@ def _alone(model, samples: Sequence[Sample], weights: torch.Tensor, device):
     return torch.cat(logits), grads
 
 
-def _packed(model, batch, weights: torch.Tensor, convention: str, backend: str, device, linear_backend: str, compile: bool):
+def _packed(model, batches, weights: torch.Tensor, convention: str, backend: str, device, linear_backend: str, compile: bool):
+    """Logits (T, V) and parameter gradients of the packed rows, one patched forward each, in order."""
     import qwenvl
 
     model.zero_grad(set_to_none=True)
+    logits, start = [], 0
     with qwenvl.patch(model, backend=backend, linear_backend=linear_backend, compile=compile):
-        out = model(**batch.to(device).model_inputs(convention)).logits[0]
-        (out * weights.to(out.dtype)).sum().backward()
+        for batch in batches:
+            out = model(**batch.to(device).model_inputs(convention)).logits[0]
+            w = weights[start : start + out.shape[0]]
+            (out * w.to(out.dtype)).sum().backward()
+            logits.append(out.detach())
+            start += out.shape[0]
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach(), grads
+    return torch.cat(logits), grads
 
 
 def run_case(
@@ -104,11 +121,14 @@ def run_case(
 
     if active_patch() is not None:
         raise RuntimeError("run_case needs the unpatched model as its oracle: revert the active qwenvl patch first")
+    if reference_dtype(device, dtype) == torch.float64 and (why := upstream_limit(family, "float64")):
+        raise UpstreamLimit(why)
     base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
     gen = torch.Generator().manual_seed(seed)
-    samples = [make_sample(base.config, spec, generator=gen) for spec in specs]
-    batch = pack(base, samples)
-    total = batch.input_ids.shape[1]
+    rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
+    samples = [sample for row in rows for sample in row]  # the order the packed rows give their logits in
+    batches = [pack(base, row) for row in rows]
+    total = sum(batch.input_ids.shape[1] for batch in batches)
     weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
 
     ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device, dtype))
@@ -122,7 +142,8 @@ def run_case(
 
     ref_logits, ref_grads = run_alone(ref_model)
     pt_logits, pt_grads = run_alone(model)
-    logits, grads = _packed(model, _batch_to_dtype(batch, dtype), weights, convention, backend, device, linear_backend, compile)
+    batches = [_batch_to_dtype(batch, dtype) for batch in batches]
+    logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
 
     tol = tolerance(device, dtype)
     logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
