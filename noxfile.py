@@ -46,6 +46,7 @@ PARITY_PATHS = [
     "parity_tests/test_fixture_models.py",
     "parity_tests/test_train_cli.py",
     "parity_tests/test_golden.py",
+    "parity_tests/test_distributed.py",
 ]
 
 
