@@ -226,12 +226,11 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
         start = time.perf_counter()
         dtype = getattr(torch, dtype_name)
         try:
-            row = run_case(
-                family, backend=backend, device=device, dtype=dtype, convention=convention,
-                compile=args.compile, linear_backend=args.linear_backend,
-            ).as_dict()
-            if args.compile:
-                row["compiled"] = True
+            options = {"compile": True} if args.compile else {}
+            if args.linear_backend != "auto":
+                options["linear_backend"] = args.linear_backend
+            row = run_case(family, backend=backend, device=device, dtype=dtype, convention=convention, **options).as_dict()
+            row.update(options)
         except Exception as exc:  # a crash is a failed case, reported, not a traceback that hides the table
             row = {
                 "family": family, "backend": backend, "device": device, "dtype": dtype_name,
