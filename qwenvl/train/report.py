@@ -38,7 +38,8 @@ COMPONENTS = (
 )
 
 _VISION_BLOCK = re.compile(r"(?:^|\.)visual\.blocks\.(\d+)\.")
-_DEEPSTACK = re.compile(r"(?:^|\.)deepstack_merger_list\.(\d+)\.")
+# Qwen3-VL's deepstack mergers; the Qwen3-Omni thinker names the same list ``merger_list``.
+_DEEPSTACK = re.compile(r"(?:^|\.)(?:deepstack_)?merger_list\.(\d+)\.")
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # PEFT's ModulesToSaveWrapper: the trained copy `<module>.modules_to_save.<adapter>.<rest>` runs in the forward,
 # the frozen `<module>.original_module.<rest>` does not.
@@ -50,6 +51,8 @@ def _locate(name: str) -> tuple[str, int | None]:
     """(component, index) of a parameter name; index for blocks, deepstack mergers and decoder layers."""
     if m := _DEEPSTACK.search(name):
         return "deepstack_mergers", int(m.group(1))
+    if "audio_tower" in name:
+        return "other", None  # the Qwen3-Omni thinker's audio encoder: neither vision nor the decoder
     if "merger" in name:
         return "merger", None
     if m := _VISION_BLOCK.search(name):
