@@ -41,9 +41,17 @@ from qwenvl.verify.batches import SampleSpec, make_sample, pack
 SPECS = (SampleSpec(text=10, image=(4, 4)), SampleSpec(text=14), SampleSpec(text=6, image=(2, 6)))
 
 
+def family_of_model_config(config):
+    from qwenvl.families import get_family
+
+    return get_family(config.model_type)
+
+
 def _labels(config, input_ids_1T: torch.Tensor) -> torch.Tensor:
     """Train on text tokens only: vision tokens (and their start/end markers) get -100."""
-    vision = (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    keys = family_of_model_config(config).tokens
+    names = (keys.image, keys.video, keys.start, keys.end, keys.video_start, keys.video_end)
+    vision = sorted({getattr(config, name) for name in names if name is not None})
     labels = input_ids_1T.clone()
     labels[torch.isin(labels, torch.tensor(vision))] = -100
     return labels
