@@ -113,8 +113,6 @@ def make_sample(config, spec: SampleSpec, *, generator: torch.Generator) -> Samp
     per_group, keys = family.video_group_spans, family.tokens
     if spec.image is not None and spec.video is not None and not mixes_media(family.name):
         raise _mixing_error(family.name, "a sample")
-    if spec.video is not None and (why := upstream_limit(family.name, "videos")):
-        raise UpstreamLimit(why)
 
     def text(n):
         return torch.randint(_TEXT_LOW, _TEXT_HIGH, (n,), generator=generator)

@@ -125,6 +125,8 @@ def run_case(
         raise UpstreamLimit(why)
     base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
     gen = torch.Generator().manual_seed(seed)
+    if any(spec.video is not None for spec in specs) and (why := upstream_limit(family, "videos")):
+        raise UpstreamLimit(why)
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
     samples = [sample for row in rows for sample in row]  # the order the packed rows give their logits in
     batches = [pack(base, row) for row in rows]
