@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qwenvl
-from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, pack
+from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, pack, pack_shards
 from qwenvl.families import FAMILIES, available_families
 from qwenvl.fixtures import tiny_model
 from qwenvl.positions import mm_token_type_ids, rope_index
@@ -78,6 +78,25 @@ def test_packer_example_from_the_docstring():
     packing = pack([9, 7, 5, 4, 3], 16, shuffle_rows=False)
     assert packing.rows == ((0, 1), (2, 3, 4))
     assert packing.fill_ratio == pytest.approx(28 / 32)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60),
+    data=st.data(),
+    shards=st.integers(1, 3),
+)
+def test_packer_never_mixes_groups(lengths, data, shards):
+    # GLM-4V: samples with a video (group 1) never share a row with samples with an image (group 0).
+    groups = data.draw(st.lists(st.integers(0, 1), min_size=len(lengths), max_size=len(lengths)))
+    if len(lengths) < shards:
+        return  # too few samples to give every rank a row
+    packing = pack(lengths, 128, seed=1, groups=groups) if shards == 1 else pack_shards(lengths, 128, shards, groups=groups)
+    rows = packing.rows
+    assert {i for row in rows for i in row} == set(range(len(lengths))), "every sample placed"
+    assert all(len({groups[i] for i in row}) == 1 for row in rows), "no row mixes groups"
+    if shards == 1:
+        alone = [pack([lengths[i] for i in range(len(lengths)) if groups[i] == g], 128) for g in set(groups)]
+        assert len(rows) == sum(len(p.rows) for p in alone), "each group packed as tightly as on its own"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import qwenvl
+from qwenvl.families import FAMILIES
 from qwenvl.fixtures import FAMILY_NAMES, tiny_model
 from qwenvl.packing import mask_boundary_labels
 from qwenvl.patches._loss import shift_labels
@@ -73,6 +74,8 @@ def _check(family, device, *, extra=None, config=None):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_fused_loss_equals_the_unfused_loss(family, device):
+    if device.type == "cpu" and (why := FAMILIES[family].release_bug("float64")):
+        pytest.skip(f"no float64 reference: {why}")
     _check(family, device)
 
 

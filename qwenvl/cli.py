@@ -140,6 +140,21 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
         for dtype in dtypes[device]
         for convention in conventions
     ]
+    # A family whose model cannot run in float64 on this release (FamilySpec.release_bugs) has no oracle on the
+    # CPU: its cases there are left out, naming the transformers bug (the golden check still judges its patch).
+    from qwenvl.tolerances import reference_dtype
+
+    no_oracle = {}
+    for family, _, device, dtype, _ in cases:
+        if reference_dtype(device, getattr(torch, dtype)) == torch.float64:
+            why = FAMILIES[family].release_bug("float64", version)
+            if why:
+                no_oracle.setdefault((family, device, dtype), why)
+    cases = [case for case in cases if (case[0], case[2], case[3]) not in no_oracle]
+    skipped += [
+        {"family": family, "device": device, "reason": f"no float64 oracle for {dtype} on {device}: {why}"}
+        for (family, device, dtype), why in no_oracle.items()
+    ]
     return Plan(cases=cases, skipped=skipped, families=asked)
 
 

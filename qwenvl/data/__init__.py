@@ -59,10 +59,12 @@ class PackedDataset(torch.utils.data.Dataset):
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.packing: Packing | ShardedPacking
+        # GLM-4V: samples with a video never share a row with samples with an image (None: any may).
+        groups = getattr(dataset, "media_groups", None)
         if self.shards == 1:
-            self.packing = pack(dataset.lengths, budget, seed=seed)
+            self.packing = pack(dataset.lengths, budget, seed=seed, groups=groups)
         else:
-            self.packing = pack_shards(dataset.lengths, budget, self.shards, seed=seed)
+            self.packing = pack_shards(dataset.lengths, budget, self.shards, seed=seed, groups=groups)
         self._rows = self.packing.rows
 
     def __len__(self) -> int:

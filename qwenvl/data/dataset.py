@@ -252,9 +252,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise DataFileError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
 
+    @property
+    def media_groups(self) -> list[int] | None:
+        """For the packer: per sample 1 if it holds a video, else 0, where the model's family cannot take images
+        and videos in one forward (GLM-4V: ``FamilySpec.mixes_media``); ``None`` where any samples may share a row."""
+        from qwenvl.families import family_of_model
+
+        if family_of_model(self.model).mixes_media():
+            return None
+        return [int(bool(row.videos)) for row in self.rows]
+
     def _admit(self, ref: RowRef, raw: Any):
         try:
             row = _check_row(ref, raw)
+            if row.images and row.videos:
+                from qwenvl.families import family_of_model
+
+                spec = family_of_model(self.model)
+                if not spec.mixes_media():
+                    raise BadSampleError(ref, f"images and videos in one row: {spec.name} cannot take both in one forward")
             item, truncated = self._process(row)
             return row, int(item["input_ids"].numel()), truncated
         except BadSampleError as exc:

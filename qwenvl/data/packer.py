@@ -69,13 +69,26 @@ class Packing:
         )
 
 
-def pack(lengths: Sequence[int], budget: int, *, seed: int = 0, shuffle_rows: bool = True) -> Packing:
+def pack(
+    lengths: Sequence[int],
+    budget: int,
+    *,
+    seed: int = 0,
+    shuffle_rows: bool = True,
+    groups: Sequence[int] | None = None,
+) -> Packing:
     """Pack samples of ``lengths`` tokens into rows of at most ``budget`` tokens (first-fit-decreasing).
+
+    ``groups`` (a label per sample, optional): samples of different groups never share a row (GLM-4V cannot take
+    images and videos in one forward: ``SupervisedDataset.media_groups``). Each group is packed on its own, and
+    the rows are shuffled together.
 
     Raises ``ValueError`` naming the first sample longer than the budget (the dataset truncates or refuses
     those before packing) or a non-positive length.
     """
     lengths = _checked(lengths, budget)
+    if groups is not None:
+        return _pack_groups(lengths, budget, groups, seed=seed, shuffle_rows=shuffle_rows)
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -92,6 +105,19 @@ def pack(lengths: Sequence[int], budget: int, *, seed: int = 0, shuffle_rows: bo
     if shuffle_rows:
         rng.shuffle(rows)
     return Packing(rows=tuple(tuple(r) for r in rows), lengths=lengths, budget=budget)
+
+
+def _pack_groups(lengths, budget, groups, *, seed, shuffle_rows) -> Packing:
+    if len(groups) != len(lengths):
+        raise ValueError(f"give one group per sample: {len(groups)} groups for {len(lengths)} samples")
+    rows: list[tuple[int, ...]] = []
+    for group in sorted(set(groups)):
+        members = [i for i, g in enumerate(groups) if g == group]
+        local = pack([lengths[i] for i in members], budget, seed=seed, shuffle_rows=False)
+        rows += [tuple(members[j] for j in row) for row in local.rows]
+    if shuffle_rows:
+        random.Random(seed).shuffle(rows)
+    return Packing(rows=tuple(rows), lengths=lengths, budget=budget)
 
 
 def _checked(lengths: Sequence[int], budget: int) -> tuple[int, ...]:
@@ -213,18 +239,26 @@ def _split(row: list[int], lengths: Sequence[int]) -> tuple[list[int], list[int]
     return parts
 
 
-def pack_shards(lengths: Sequence[int], budget: int, shards: int, *, seed: int = 0) -> ShardedPacking:
+def pack_shards(
+    lengths: Sequence[int], budget: int, shards: int, *, seed: int = 0, groups: Sequence[int] | None = None
+) -> ShardedPacking:
     """Pack for ``shards`` data-parallel ranks: shard the samples by tokens (``shard_by_tokens``), pack each
     shard first-fit-decreasing (``pack``), give every rank the same number of rows, pair rows into steps
     largest with largest, and shuffle the steps (seeded). Deterministic in ``seed``: every rank computes the
     same plan from the same lengths, with no communication. ``shards=1`` gives ``pack``'s rows, one per step.
+    ``groups`` as in ``pack`` (a row split to even the ranks out stays in its group).
     """
     lengths = _checked(lengths, budget)
     if shards <= 0:
         raise ValueError(f"shards must be a positive number, got {shards}")
     per_rank: list[list[list[int]]] = []
     for r, shard in enumerate(shard_by_tokens(lengths, shards, seed=seed)):
-        local = pack([lengths[i] for i in shard], budget, seed=seed + r, shuffle_rows=False) if shard else None
+        local_groups = None if groups is None else [groups[i] for i in shard]
+        local = (
+            pack([lengths[i] for i in shard], budget, seed=seed + r, shuffle_rows=False, groups=local_groups)
+            if shard
+            else None
+        )
         per_rank.append([[shard[j] for j in row] for row in local.rows] if local else [])
 
     want = max(len(rows) for rows in per_rank)

@@ -10,6 +10,7 @@ the classes ``AutoProcessor`` would pick; a row with a video is bad data there (
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import shutil
 from pathlib import Path
@@ -26,8 +27,7 @@ class VideosUnavailable(RuntimeError):
 def load_processor(model_dir: str | Path):
     """``AutoProcessor.from_pretrained(model_dir)``; without torchvision, the same processor minus videos."""
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.video_processing_utils import BaseVideoProcessor
 
     if importlib.util.find_spec("torchvision") is not None:
@@ -37,8 +37,7 @@ def load_processor(model_dir: str | Path):
     except (ImportError, ValueError) as exc:
         if "torchvision" not in str(exc).lower():
             raise
-    model_type = AutoConfig.from_pretrained(model_dir).model_type
-    processor_cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    processor_cls = getattr(transformers, _processor_class_name(model_dir))
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
 
     class NoVideoProcessor(BaseVideoProcessor):
@@ -67,14 +66,33 @@ def load_processor(model_dir: str | Path):
 
     ImagesOnlyProcessor.__name__ = processor_cls.__name__
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer, "video_processor": NoVideoProcessor()}
+    if "feature_extractor" in inspect.signature(processor_cls.__init__).parameters:
+        # Qwen3-Omni's processor holds an audio feature extractor too (it needs no torchvision).
+        parts["feature_extractor"] = AutoFeatureExtractor.from_pretrained(model_dir)
     processor = ImagesOnlyProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=NoVideoProcessor(),
-        chat_template=getattr(tokenizer, "chat_template", None) or _chat_template(model_dir),
+        **parts, chat_template=getattr(tokenizer, "chat_template", None) or _chat_template(model_dir)
     )
     logger.warning("qwenvl: torchvision is not installed: %s loaded for images and text only", processor_cls.__name__)
     return processor
+
+
+def _processor_class_name(model_dir) -> str:
+    """The processor class the model directory names (``processor_class``, as ``AutoProcessor`` reads it), else
+    the one transformers maps its model type to. A Qwen3-Omni thinker directory needs the first: no release maps
+    ``qwen3_omni_moe_thinker`` to a processor, and 4.57's ``AutoConfig`` does not know that model type."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            found = json.loads(path.read_text()).get("processor_class")
+            if found:
+                return found
+    return PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(model_dir).model_type]
 
 
 def _chat_template(model_dir) -> str | None:

@@ -53,7 +53,7 @@ def _locate(name: str) -> tuple[str, int | None]:
         return "deepstack_mergers", int(m.group(1))
     if "audio_tower" in name:
         return "other", None  # the Qwen3-Omni thinker's audio encoder: neither vision nor the decoder
-    if "merger" in name:
+    if "merger" in name or "visual.downsample." in name:  # GLM-4V's 2x2 patch merge into the text width
         return "merger", None
     if m := _VISION_BLOCK.search(name):
         return "vision_blocks", int(m.group(1))

@@ -89,6 +89,22 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _DEFAULT_FLAGS = (("--per_device_train_batch_size", "1"), ("--logging_steps", "1"), ("--report_to", "none"))
 
 
+def _model_class(model_path: str):
+    """The family's entry class: AutoModelForImageTextToText maps no Qwen3-Omni thinker on 4.57 (its model type
+    is unknown to 4.57's auto classes)."""
+    import json
+
+    import transformers
+    from transformers.utils import cached_file
+
+    from qwenvl.families import get_family
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        config_file = Path(cached_file(model_path, "config.json"))
+    return getattr(transformers, get_family(json.loads(config_file.read_text())["model_type"]).entry_classes[0])
+
+
 def _default_model_dir() -> str:
     from qwenvl.fixtures import model_dir
 
@@ -114,20 +130,26 @@ def _lora(model, model_args: ModelArguments):
 
     from qwenvl.train.optim import classify
 
+    # The text model's linear layers, found by module identity: Qwen3-Omni's thinker keeps it at `model.*` on 4.57
+    # (no "language_model" in the names).
+    decoder = {id(m) for m in model.get_decoder().modules()}
     targets = sorted(
         {
             name
             for name, module in model.named_modules()
-            if classify(name) == "base" and "language_model" in name and type(module).__name__ == "Linear"
+            if id(module) in decoder and classify(name) == "base" and type(module).__name__ == "Linear"
         }
     )
     if not targets:
         raise ValueError("LoRA found no linear layer of the language model to adapt")
     # PEFT saves only the adapters and `modules_to_save`: a vision component trained in full must be listed
-    # there, or the checkpoint silently drops it.
-    full = ["visual"] if model_args.tune_mm_vision else []
+    # there, or the checkpoint silently drops it (the encoders: the vision tower, Qwen3-Omni's audio tower too).
+    names = [n for n, _ in model.named_modules()]
+    full = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(("visual", "audio_tower"))}) if model_args.tune_mm_vision else []
     if model_args.tune_mm_mlp and not full:
-        full = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith(("merger", "deepstack_merger_list"))})
+        # the projectors: mergers, deepstack mergers (Qwen3-VL, Qwen3-Omni's merger_list), GLM-4V's downsample
+        projectors = ("merger", "deepstack_merger_list", "merger_list", "visual.downsample")
+        full = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(projectors)})
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
@@ -203,7 +225,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
     model_path = model_args.model_name_or_path or _default_model_dir()
     data_path = data_args.data_path or _default_data_path()
     processor = load_processor(model_path)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
+    model = _model_class(model_path).from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
     _freeze(model, model_args)
     if model_args.lora_enable:
         model = _lora(model, model_args)
