@@ -35,14 +35,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _share_the_cores() -> None:
-    """Give each pytest-xdist worker its share of the cores, as intra-op threads (and to the processes it starts,
-    through OMP_NUM_THREADS). Left at torch's default, 2 workers each spin 2 threads on 2 cores, and the tiny
-    models' steps ran 30-50x slower than alone (measured: a Qwen3.5 parity test 9.7 s alone, 283 s in the suite).
+    """Give each pytest-xdist worker its share of the cores as intra-op threads, and the processes it starts the
+    same share through OMP_NUM_THREADS (set, not defaulted: workers inherit the controller's value). Left at
+    torch's default, 2 workers each spin 2 threads on 2 cores, and the tiny models' steps ran 30-50x slower than
+    alone (measured: a Qwen3.5 parity test 9.7 s alone, 283 s in the suite).
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 _share_the_cores()

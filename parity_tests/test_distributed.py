@@ -323,6 +323,10 @@ def _two_processes(out: Path) -> types.SimpleNamespace:
     _write_data(out / "data.json")
     (out / "spec.json").write_text(json.dumps({"out": str(out), "data": str(out / "data.json")}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # One thread per rank, as the reference below: torchrun sets OMP_NUM_THREADS=1 only where it is unset, and a
+    # second thread changes the summation order of some CPU kernels (measured: the
+    # embedding's gradient differed with 2 threads per rank on transformers 4.57.6).
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).resolve()), str(out / "spec.json")],
