@@ -109,8 +109,10 @@ def test_default_verify_cases_cover_every_family(tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "run_case", record)
     out = tmp_path / "report.json"
     assert cli.main(["verify", "--backend", "sdpa", "--device", "cpu", "--convention", "upstream", "--json", str(out)]) == 0
-    # Every family either runs or is skipped with its reason (not in this release; no float64 oracle here).
-    skipped = {entry["family"]: entry["reason"] for entry in json.loads(out.read_text())["skipped"] if "family" in entry}
+    # Every family either runs or is skipped with its reason (not in this release; no float64 oracle on this device).
+    # A family run with a limit that leaves it running (videos left out) is named too, and runs.
+    entries = [entry for entry in json.loads(out.read_text())["skipped"] if "family" in entry]
+    skipped = {entry["family"]: entry["reason"] for entry in entries if "limit" not in entry or "device" in entry}
     assert seen == [family for family in FAMILY_NAMES if family not in skipped]
     assert set(skipped) <= set(FAMILY_NAMES) - set(seen) and all(skipped.values())
     assert set(available_families()) - set(skipped) == set(seen)

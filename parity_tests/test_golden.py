@@ -213,3 +213,8 @@ def test_last_line_names_drift_and_absent_families():
     line = last_line(report)
     assert line.startswith("transformers 4.57.6: 1/2 families exact, 1 drift (qwen2_5_vl (known)), 1 not in this release;")
     assert "safe to train packed" in line and "2/2 cases passed" in line
+    # A family run with a release's limit is no absent family; the line names the limit.
+    report["skipped"].append({"family": "qwen2_vl", "limit": "videos left out", "reason": "bug"})
+    line = last_line(report)
+    assert line.startswith("transformers 4.57.6: 1/2 families exact, 1 drift (qwen2_5_vl (known)), 1 not in this release;")
+    assert "(transformers bugs limit qwen2_vl: videos left out)" in line

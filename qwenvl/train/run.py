@@ -215,7 +215,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
     """Train and save; returns the Trainer's train metrics plus the data summary (``ranks``: the per-rank
     packing report when rows were packed for several ranks). ``callbacks``: extra ``TrainerCallback``s."""
     import torch
-    import transformers
     import qwenvl
     from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset
     from qwenvl.data.processor import load_processor, save_processor, videos_available

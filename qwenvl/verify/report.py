@@ -29,6 +29,16 @@ def finite(value):
     return value
 
 
+def absent_families(skipped: list[dict]) -> list[dict]:
+    """The skip entries of families the installed release does not have (not those it runs with a limit)."""
+    return [s for s in skipped if "family" in s and "limit" not in s]
+
+
+def limited_families(skipped: list[dict]) -> list[dict]:
+    """The skip entries of families that ran with a release's limit (no CPU float64 oracle, videos left out)."""
+    return [s for s in skipped if "limit" in s]
+
+
 def coverage(cases: list[dict], skipped: list[dict]) -> list[dict]:
     """One row per (device, backend): what ran (cases, passed, dtypes, conventions, families) or why not."""
     rows: dict[tuple[str, str], dict] = {}
@@ -112,7 +122,7 @@ def _family_verdicts(report: dict) -> tuple[list[str], list[str], list[str], lis
     """(checked, exact, drifted, ours) family names."""
     cases = report.get("cases", [])
     golden = {f["family"]: f for f in (report.get("golden") or {}).get("families", [])}
-    absent = {s["family"] for s in report.get("skipped", []) if "family" in s}
+    absent = {s["family"] for s in absent_families(report.get("skipped", []))}
     checked = list(dict.fromkeys([c["family"] for c in cases] + [f for f, g in golden.items() if g["status"] not in ("skipped", "no golden")]))
     checked = [f for f in checked if f not in absent]
     exact, drifted, ours = [], [], []
@@ -133,7 +143,8 @@ def last_line(report: dict) -> str:
     checked, exact, drifted, ours = _family_verdicts(report)
     cases = report.get("cases", [])
     passed = sum(bool(c["passed"]) for c in cases)
-    absent = [s["family"] for s in report.get("skipped", []) if "family" in s]
+    absent = [s["family"] for s in absent_families(report.get("skipped", []))]
+    limited = limited_families(report.get("skipped", []))
     golden = {f["family"]: f for f in (report.get("golden") or {}).get("families", [])}
     line = f"transformers {report['transformers']}: {len(exact)}/{len(checked)} families exact, {len(drifted)} drift"
     if drifted:
@@ -142,6 +153,8 @@ def last_line(report: dict) -> str:
     if absent:
         line += f", {len(absent)} not in this release"
     line += f"; {passed}/{len(cases)} cases passed"
+    if limited:
+        line += " (transformers bugs limit " + "; ".join(f"{s['family']}: {s['limit']}" for s in limited) + ")"
     if not golden:
         line += ", golden check not run"
     without = [f for f, g in golden.items() if g["status"] == "no golden" or (g["status"] == "skipped" and f not in absent)]
@@ -176,9 +189,12 @@ def to_markdown(report: dict) -> str:
             )
         else:
             out.append(f"| {row['device']} | {row['backend']} | 0 | - | - | - | not run: {row['reason']} |")
-    absent = [s for s in report.get("skipped", []) if "family" in s]
+    absent = absent_families(report.get("skipped", []))
     if absent:
         out += ["", "Families not in this release: " + "; ".join(f"{s['family']} ({s['reason']})" for s in absent) + "."]
+    limited = limited_families(report.get("skipped", []))
+    if limited:
+        out += ["", "Run with a release's limit: " + "; ".join(f"{s['family']}: {s['limit']} ({s['reason']})" for s in limited) + "."]
     golden = report.get("golden")
     out += ["", "## Golden drift", ""]
     if not golden:
