@@ -25,7 +25,7 @@ compared bit for bit with a one-process run without clipping.
 
 What CPU cannot show as on GPUs: accelerate turns FSDP on only for GPU-like devices (``_allow_fsdp_on_cpu`` lets
 the test past that, and nothing else); FULL_STATE_DICT checkpoints fail on CPU (so the test saves sharded ones);
-on transformers 4.57 ``--fsdp`` and a DDP resume cannot run on CPU at all (those cases are skipped there).
+on transformers 4.57 ``--fsdp``, and before 5.18 a DDP resume, cannot run on CPU at all (skipped there).
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def _transformers_at_least(version: str) -> bool:
     return Version(transformers.__version__) >= Version(version)
 
 
-# transformers 4.57 loads a checkpoint's optimizer with map_location=args.device, which is "cpu:0" in a CPU
-# process group, and torch.load refuses that location; on GPUs it is "cuda:N" and works.
-_RESUMES_ON_CPU = _transformers_at_least("5.0.0")
+# transformers before 5.18 loads a checkpoint's optimizer with map_location=args.device, which is "cpu:0" in a CPU
+# process group, and torch.load refuses that location; on GPUs it is "cuda:N" and works (5.18 maps CPU to "cpu").
+_RESUMES_ON_CPU = _transformers_at_least("5.18.0")
 # transformers 4.57 hands --fsdp to accelerate through environment variables, and accelerate's plugin built from
 # them raises on a machine without GPUs ("no available devices"); 5.x passes the plugin, which the shim reaches.
 _FSDP_ON_CPU = _transformers_at_least("5.0.0")
@@ -413,7 +413,7 @@ def _check_packing_report(two) -> None:
 @pytest.mark.slow
 def test_two_processes_on_gloo_equal_one_process(tmp_path):
     """One test (one torchrun, also under pytest-xdist) for every two-process check; see the module docstring.
-    On transformers 4.57 the FSDP2 and resume checks cannot run on CPU and are left out."""
+    On transformers 4.57 the FSDP2 checks, and before 5.18 the resume checks, cannot run on CPU and are left out."""
     pytest.importorskip("accelerate", reason="the Trainer needs the 'train' extra (accelerate)")
     two = _two_processes(tmp_path)
     _check_bit_for_bit(two, "ddp", "clipped")

@@ -27,7 +27,7 @@ class VideosUnavailable(RuntimeError):
 def load_processor(model_dir: str | Path):
     """``AutoProcessor.from_pretrained(model_dir)``; without torchvision, the same processor minus videos."""
     import transformers
-    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer
     from transformers.video_processing_utils import BaseVideoProcessor
 
     if importlib.util.find_spec("torchvision") is not None:
@@ -37,8 +37,10 @@ def load_processor(model_dir: str | Path):
     except (ImportError, ValueError) as exc:
         if "torchvision" not in str(exc).lower():
             raise
+    except TypeError:
+        pass  # 5.0.0: AutoVideoProcessor iterates a mapping whose entries are None without torchvision
     processor_cls = getattr(transformers, _processor_class_name(model_dir))
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    image_processor = _image_processor(model_dir)
 
     class NoVideoProcessor(BaseVideoProcessor):
         merge_size = getattr(image_processor, "merge_size", 2)
@@ -75,6 +77,27 @@ def load_processor(model_dir: str | Path):
     )
     logger.warning("qwenvl: torchvision is not installed: %s loaded for images and text only", processor_cls.__name__)
     return processor
+
+
+def _image_processor(model_dir):
+    """The model's image processor without torchvision. ``AutoImageProcessor`` picks the torchvision backend on
+    5.x releases that have one (5.10: ``Qwen2VLImageProcessor`` needs torchvision, ``Qwen2VLImageProcessorPil``
+    does not; ``use_fast=False`` does not change that); there the PIL class of the configured processor is used."""
+    import json
+
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_dir)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        name = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())["image_processor_type"]
+        pil = getattr(transformers, f"{name.removesuffix('Fast')}Pil", None)
+        if pil is None:
+            raise
+        return pil.from_pretrained(model_dir)
 
 
 def _processor_class_name(model_dir) -> str:
