@@ -93,8 +93,9 @@ def _image_processor(model_dir):
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
-        name = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())["image_processor_type"]
-        pil = getattr(transformers, f"{name.removesuffix('Fast')}Pil", None)
+        config = Path(model_dir) / "preprocessor_config.json"
+        name = json.loads(config.read_text()).get("image_processor_type", "") if config.is_file() else ""
+        pil = getattr(transformers, f"{name.removesuffix('Fast')}Pil", None) if name else None
         if pil is None:
             raise
         return pil.from_pretrained(model_dir)
