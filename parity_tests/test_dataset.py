@@ -14,6 +14,7 @@ from qwenvl.data import BadSampleError, PackedCollator, PackedDataset, Supervise
 from qwenvl.data.processor import load_processor
 from qwenvl.families import FAMILIES
 from qwenvl.fixtures import demo_data_path, model_dir, tiny_model
+from qwenvl.positions import mm_token_type_ids
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 _LOADED: dict[str, tuple] = {}
@@ -65,9 +66,11 @@ def test_labels_are_exactly_the_assistant_replies(family, demo):
         trained = tok.decode(item["labels"][item["labels"] != -100])
         assert trained == "".join(r + end for r in replies), f"row {index}"
         assert item["position_ids"].shape == (3, item["input_ids"].numel())
-        n_images = int((item["input_ids"] == model.config.image_token_id).sum())
-        expected = int(item["image_grid_thw"].prod(-1).sum()) // merge if "image_grid_thw" in item else 0
-        assert n_images == expected
+        # Placeholders told apart by the family's span tokens (GLM-4V fills videos with the image placeholder).
+        types = mm_token_type_ids(model.config, item["input_ids"][None])[0]
+        for kind, grid in ((1, "image_grid_thw"), (2, "video_grid_thw")):
+            expected = int(item[grid].prod(-1).sum()) // merge if grid in item else 0
+            assert int((types == kind).sum()) == expected, f"row {index}: {grid}"
         assert ds.lengths[index] == item["input_ids"].numel()
 
 
@@ -142,6 +145,35 @@ def test_long_samples_are_cut_in_text_only(demo):
     assert ds.lengths == [100] and len(ds.truncated) == 1 and "1 truncated to 100 tokens" in ds.summary()
     with pytest.raises(BadSampleError, match="sample 0: .* more than model_max_length 100"):
         _dataset("qwen2_5_vl", _write(demo, [text_row]), model_max_length=100, truncate=False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_cut_never_separates_a_placeholder_from_its_span_end(family, demo):
+    """The cut is judged by every token of the family's vision spans (``FamilySpec.tokens``): a limit just past
+    the last placeholder, before the span's end token (``<vision_end>``; GLM-4V's ``<end_of_image>``), refuses
+    the row; a limit just past the span's end cuts it in text."""
+    rows = _rows(demo)
+    image_row = {
+        "image": rows[0]["image"],
+        "conversations": [
+            {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"},
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a long answer " * 4},
+        ],
+    }
+    data = _write(demo, [image_row])
+    processor, model = _load(family)
+    whole = _dataset(family, data)[0]["input_ids"]
+    placeholders = torch.nonzero(mm_token_type_ids(model.config, whole[None])[0]).flatten()
+    span = torch.zeros_like(whole, dtype=torch.bool)
+    for key in FAMILIES[family].tokens.keys():
+        if (token := getattr(model.config, key, None)) is not None:
+            span |= whole == token
+    last_placeholder, span_end = int(placeholders.max()), int(torch.nonzero(span).max())
+    assert span_end > last_placeholder  # the span's end token follows its placeholders
+    with pytest.raises(BadSampleError, match="sample 0: .*cut would fall inside an image"):
+        _dataset(family, data, model_max_length=last_placeholder + 1)
+    cut = _dataset(family, data, model_max_length=span_end + 1)
+    assert cut.lengths == [span_end + 1] and torch.equal(cut[0]["input_ids"], whole[: span_end + 1])
 
 
 @pytest.mark.skipif(HAS_TORCHVISION, reason="checks the refusal when torchvision is missing")

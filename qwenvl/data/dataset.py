@@ -364,8 +364,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
         limit = self.model_max_length
         if not self.truncate:
             raise BadSampleError(row.ref, f"{input_ids.numel()} tokens, more than model_max_length {limit}")
+        # Every token of the family's vision spans (FamilySpec.tokens: GLM-4V's <begin_of_image> / <end_of_image>
+        # and its video wrapper included), so a cut never lands between a placeholder and its span's end.
+        from qwenvl.families import family_of_model
+
         vision = torch.zeros_like(input_ids, dtype=torch.bool)
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for name in family_of_model(self.model).tokens.keys():
             token = getattr(self.model.config, name, None)
             if token is not None:
                 vision |= input_ids == token
