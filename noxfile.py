@@ -38,6 +38,7 @@ LOCK_EXTRAS = "test,train,jax,lint"
 LINT_PATHS = ["qwenvl", "reference", "parity_tests", "scripts", "noxfile.py"]
 PARITY_PATHS = [
     "parity_tests/test_models.py",
+    "parity_tests/test_routing.py",
     "parity_tests/test_ordinary_calls.py",
     "parity_tests/test_optimizer_groups.py",
     "parity_tests/test_trainer.py",

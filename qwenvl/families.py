@@ -201,6 +201,8 @@ class FamilySpec:
                 False:  <vs> v v v v v v v v <ve>                 (t=2 groups of 4 merged patches)
                 True:   <ts> <vs> v v v v <ve> <ts> <vs> v v v v <ve>
 
+        moe_block: the text model's sparse MoE block class (router ``gate`` plus experts), or ``None``: the verify
+            harness pins its expert choice to the oracle's (``qwenvl.verify.routing``).
         tokens: the config keys of the layout's special token ids (``SpecialTokens``; GLM-4V names them
             differently, reuses the image placeholder for video frames and wraps a video in its own pair).
         release_bugs: what some releases cannot run at all for this family, unpatched (``ReleaseBug``): the
@@ -223,6 +225,7 @@ class FamilySpec:
     min_transformers: str = "4.57.0"
     linear_attention: str | None = None
     linear_attention_masks: tuple[str, ...] = ()
+    moe_block: str | None = None
     tokens: SpecialTokens = SpecialTokens()
     release_bugs: tuple[ReleaseBug, ...] = ()
 
@@ -310,6 +313,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         aux_loss="load_balancing_loss_func",
         merger_width_key="out_hidden_size",
         deepstack_mergers="deepstack_merger_list",
+        moe_block="Qwen3VLMoeTextSparseMoeBlock",
         video_group_spans=True,
     ),
     FamilySpec(
@@ -338,6 +342,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         merger_width_key="out_hidden_size",
         video_group_spans=True,
         min_transformers="5.2.0",
+        moe_block="Qwen3_5MoeSparseMoeBlock",
         linear_attention="Qwen3_5MoeGatedDeltaNet",
         linear_attention_masks=("create_recurrent_attention_mask", "Qwen3_5MoeTextModel._update_linear_attn_mask"),
     ),
@@ -363,6 +368,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         vision_attention="Glm4vMoeVisionAttention",
         mask_builders=("create_causal_mask",),
         aux_loss="load_balancing_loss_func",  # absent from 4.57, which computes no router loss for it
+        moe_block="Glm4vMoeTextMoE",
         merger_width_key="out_hidden_size",
         video_group_spans=True,
         tokens=_GLM_TOKENS,
@@ -382,6 +388,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         aux_loss="load_balancing_loss_func",
         merger_width_key="out_hidden_size",
         deepstack_mergers="merger_list",
+        moe_block="Qwen3OmniMoeThinkerTextSparseMoeBlock",
         release_bugs=_OMNI_BUGS,
     ),
 )

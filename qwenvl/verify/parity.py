@@ -8,17 +8,21 @@ For one case (family, backend, device, dtype, convention) on a tiny random model
 
 and the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
 ``qwenvl.tolerances.TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
-On fp32 CPU the absolute error must also stay under ``model_atol`` (1e-4).
+On fp32 CPU the absolute error must also stay under ``model_atol`` (1e-4). MoE families run the yardstick and the
+packed row with the oracle's expert choice (``qwenvl.verify.routing``): a top-k that flips under rounding is not
+a packing error; how many tokens would have flipped is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 
+from qwenvl.families import get_family
 from qwenvl.tolerances import judge, reference_dtype, tolerance
 from qwenvl.verify.batches import (
     Sample,
@@ -30,6 +34,7 @@ from qwenvl.verify.batches import (
     split_by_media,
     upstream_limit,
 )
+from qwenvl.verify.routing import RoutingPin
 
 __all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
 
@@ -61,6 +66,10 @@ class CaseResult:
     grad_bound: float
     worst_grad: str
     passed: bool
+    # MoE families: tokens whose expert choice the packed run (the yardstick) would have made differently from the
+    # oracle's, had it not been pinned to it (qwenvl.verify.routing); 0 elsewhere.
+    routing_flips: int = 0
+    yardstick_routing_flips: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,10 +151,18 @@ def run_case(
     def run_alone(m):
         return _alone(m, [_to_dtype(s, m) for s in samples], weights, device)
 
-    ref_logits, ref_grads = run_alone(ref_model)
-    pt_logits, pt_grads = run_alone(model)
+    # MoE families: the yardstick and the packed run take the oracle's expert choice (qwenvl.verify.routing).
+    spec = get_family(family)
+    pin = RoutingPin((spec.moe_block,), base.config.text_config.num_experts_per_tok) if spec.moe_block else None
+    with pin.record(ref_model) if pin else contextlib.nullcontext():
+        ref_logits, ref_grads = run_alone(ref_model)
+    with pin.replay(model) if pin else contextlib.nullcontext():
+        pt_logits, pt_grads = run_alone(model)
+    pt_flips = pin.flips if pin else 0
     batches = [_batch_to_dtype(batch, dtype) for batch in batches]
-    logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
+    with pin.replay(model) if pin else contextlib.nullcontext():
+        logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
+    flips = pin.flips if pin else 0
 
     tol = tolerance(device, dtype)
     logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
@@ -178,6 +195,8 @@ def run_case(
         grad_bound=grad_bound,
         worst_grad=worst,
         passed=passed,
+        routing_flips=flips,
+        yardstick_routing_flips=pt_flips,
     )
 
 
