@@ -123,11 +123,12 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def jax(session: nox.Session) -> None:
-    """The JAX reference twin against the torch reference, and the golden attention inputs through both."""
+    """The JAX reference twin against the torch reference, the golden attention inputs through both, and the
+    README's snippets (its JAX interop snippet runs only where jax is installed)."""
     _install(session, transformers=NEWEST, extras="test,jax")
     session.run(
         "python", "-m", "pytest", "-p", "no:cacheprovider", "parity_tests/test_masks.py",
-        "parity_tests/test_jax_interop.py", *session.posargs,
+        "parity_tests/test_jax_interop.py", "parity_tests/test_readme.py", *session.posargs,
     )
 
 

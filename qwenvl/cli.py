@@ -240,17 +240,27 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
     import torch
     import transformers
 
-    from qwenvl.patches._versions import UnsupportedTransformersVersion, check_transformers_version
+    from qwenvl.patches._versions import (
+        TESTED_VERSIONS,
+        UnsupportedTransformersVersion,
+        check_transformers_version,
+        newer_than_tested,
+    )
     from qwenvl.verify.parity import DEFAULT_SPECS, run_case
 
     try:
-        check_transformers_version()
+        # This run is the check the warning would ask for: say it once here, not in every case's patch.
+        check_transformers_version(warn=False)
     except UnsupportedTransformersVersion as exc:
         print(f"qwenvl verify: error: {exc}", file=sys.stderr)
         return 2
-
     cases = plan.cases
     print(f"qwenvl verify: transformers {transformers.__version__}, torch {torch.__version__}, {len(cases)} cases")
+    if newer_than_tested():
+        print(
+            f"transformers {transformers.__version__} is newer than the newest tested release ({TESTED_VERSIONS[-1]}): "
+            "this run is what proves the patches on it"
+        )
     if plan.skipped:
         print(_skip_line(plan.skipped))
     rows = []
@@ -349,6 +359,21 @@ def _finish(args, plan: Plan, report: dict, golden) -> int:
     return 1 if failed or not rows or golden_failed or (args.fail_on_drift and unexplained) else 0
 
 
+def _version_line() -> str:
+    """qwenvl's version and the installed transformers and torch, read from their metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qwenvl import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"qwenvl {__version__} (transformers {installed('transformers')}, torch {installed('torch')})"
+
+
 def _parser() -> argparse.ArgumentParser:
     from qwenvl.families import FAMILIES
     from qwenvl.patches._linear import LINEAR_BACKENDS
@@ -359,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     backends = ["auto", *_all_backends()]
 
     parser = argparse.ArgumentParser(prog="qwenvl", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="{verify,train}")
     sub.add_parser(
         "train",

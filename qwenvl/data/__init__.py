@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator
-from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, read_rows
+from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, check_rows, read_rows
 from qwenvl.data.packer import Packing, ShardedPacking, pack, pack_shards, shard_by_tokens
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "DataFileError",
     "RowRef",
     "read_rows",
+    "check_rows",
     "pack",
     "pack_shards",
     "shard_by_tokens",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -46,7 +47,7 @@ from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
 from qwenvl.positions import rope_index
 
-__all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "IGNORE_INDEX"]
+__all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX"]
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _TAG = re.compile(r"(<image>|<video>)")
 
@@ -109,9 +110,14 @@ def _load_file(path: Path) -> list[Any]:
     return rows
 
 
-def read_rows(data_path: str | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
+def read_rows(data_path: str | os.PathLike | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
     """The rows of every data file, each with its ``RowRef``; ``%N`` sampling applied (seeded)."""
-    specs = data_path.split(",") if isinstance(data_path, str) else list(data_path)
+    if isinstance(data_path, str):
+        specs = data_path.split(",")
+    elif isinstance(data_path, os.PathLike):  # one file (a Path is never split at commas)
+        specs = [os.fspath(data_path)]
+    else:
+        specs = list(data_path)
     out: list[tuple[RowRef, Any]] = []
     for spec in specs:
         path, ratio = _parse_spec(str(spec))
@@ -127,6 +133,22 @@ def read_rows(data_path: str | Sequence[str], *, seed: int = 0) -> list[tuple[Ro
     if not out:
         raise DataFileError(f"no rows in {data_path}")
     return out
+
+
+def check_rows(data_path: str | Sequence[str], *, seed: int = 0, skip_bad_samples: bool = False) -> list[tuple[RowRef, str]]:
+    """The cheap checks of every row, before any processor or model loads: the files readable, each row's
+    structure, its tags against its media, every media file present. Raises the first ``DataFileError`` /
+    ``BadSampleError``; with ``skip_bad_samples`` returns the bad rows (``SupervisedDataset`` leaves them out
+    and counts them) instead. Decoding and the processor come later, in ``SupervisedDataset``."""
+    bad = []
+    for ref, raw in read_rows(data_path, seed=seed):
+        try:
+            _check_row(ref, raw)
+        except BadSampleError as exc:
+            if not skip_bad_samples:
+                raise
+            bad.append((ref, exc.problem))
+    return bad
 
 
 def _as_list(value) -> list:

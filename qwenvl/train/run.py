@@ -66,7 +66,8 @@ class ModelArguments:
 class DataArguments:
     data_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Data file(s): 'a.json,b.jsonl%50' (%N samples N percent). Default: the demo data."},
+        # argparse %-formats help text: a literal percent sign is written %%.
+        metadata={"help": "Data file(s): 'a.json,b.jsonl%%50' (%%N samples N percent). Default: the demo data."},
     )
     model_max_length: int = field(default=4096, metadata={"help": "Most tokens per sample, vision tokens included."})
     packing: bool = field(default=True, metadata={"help": "Pack samples into rows (--packing False: padded batches)."})
@@ -90,19 +91,46 @@ _DEFAULT_FLAGS = (("--per_device_train_batch_size", "1"), ("--logging_steps", "1
 
 
 def _model_class(model_path: str):
-    """The family's entry class: AutoModelForImageTextToText maps no Qwen3-Omni thinker on 4.57 (its model type
-    is unknown to 4.57's auto classes)."""
+    """The family's entry class, from the model's config alone (nothing heavy loads): a missing directory, a hub
+    name that cannot be resolved (unknown, or offline) and an unsupported model type are ``Refused``.
+    AutoModelForImageTextToText maps no Qwen3-Omni thinker on 4.57, hence the family's own class."""
     import json
 
     import transformers
-    from transformers.utils import cached_file
 
-    from qwenvl.families import get_family
+    from qwenvl.families import UnknownFamilyError, get_family
 
-    config_file = Path(model_path) / "config.json"
-    if not config_file.is_file():
-        config_file = Path(cached_file(model_path, "config.json"))
-    return getattr(transformers, get_family(json.loads(config_file.read_text())["model_type"]).entry_classes[0])
+    flag = f"--model_name_or_path {model_path}"
+    local = Path(model_path).expanduser()
+    if local.exists():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise Refused(f"{flag}: {local} holds no config.json (not a transformers model directory)")
+    elif model_path.startswith((".", "/", "~")) or model_path.count("/") != 1 or model_path.endswith("/"):
+        raise Refused(f"{flag}: no such directory (and not a hub name of the form 'org/name')")
+    else:
+        from transformers.utils import cached_file
+
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # its retries log a line each; the outcome is said below, once
+        try:
+            config_file = Path(cached_file(model_path, "config.json"))
+        except Exception as exc:  # the hub's errors are long and many-lined: the first line says it
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Refused(
+                f"{flag}: not a local directory, and its config.json could not be had from the hub "
+                f"(offline, or no such model): {reason}"
+            ) from None
+        finally:
+            hub_log.setLevel(level)
+    try:
+        model_type = json.loads(config_file.read_text())["model_type"]
+        return getattr(transformers, get_family(model_type).entry_classes[0])
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, UnknownFamilyError):
+            raise Refused(f"{flag}: {exc}") from None
+        raise Refused(f"{flag}: {config_file} is not a transformers config ({type(exc).__name__}: {exc})") from None
 
 
 def _default_model_dir() -> str:
@@ -175,6 +203,8 @@ class Refused(ValueError):
 
 
 def _check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    import importlib.util
+
     from qwenvl.attention import BACKENDS
     from qwenvl.data import CONVENTIONS
 
@@ -200,6 +230,8 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
         )
     if data_args.pack_shards is not None and data_args.pack_shards < 1:
         raise Refused(f"--pack_shards must be at least 1, got {data_args.pack_shards}")
+    if model_args.lora_enable and importlib.util.find_spec("peft") is None:
+        raise Refused("--lora_enable needs peft, part of the 'train' extra: pip install 'qwenvl[train]'")
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm or model_args.lora_enable):
         raise Refused("nothing to train: every --tune_mm_* is False and --lora_enable is off")
     if data_args.packing and training_args.per_device_train_batch_size != 1:
@@ -216,15 +248,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
     packing report when rows were packed for several ranks). ``callbacks``: extra ``TrainerCallback``s."""
     import torch
     import qwenvl
-    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset
+    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset, check_rows
     from qwenvl.data.processor import load_processor, save_processor, videos_available
-    from qwenvl.train.trainer import QwenVLTrainer
+    from qwenvl.train.trainer import QwenVLTrainer, SaveProcessorCallback
 
     _check_args(model_args, data_args, training_args)
     model_path = model_args.model_name_or_path or _default_model_dir()
     data_path = data_args.data_path or _default_data_path()
+    # What can be checked without the model, before it loads: its config, and every row's structure and media.
+    model_class = _model_class(model_path)
+    check_rows(data_path, seed=training_args.seed, skip_bad_samples=data_args.skip_bad_samples)
     processor = load_processor(model_path)
-    model = _model_class(model_path).from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
+    model = model_class.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
     _freeze(model, model_args)
     if model_args.lora_enable:
         model = _lora(model, model_args)
@@ -274,6 +309,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
         compile=model_args.compile_regions,
         fused_cross_entropy=model_args.fused_cross_entropy,
     ):
+        callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
         trainer = QwenVLTrainer(
             model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks
         )
@@ -288,7 +324,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
     return {**result.metrics, **summary}
 
 
+def _missing_train_extra() -> str | None:
+    import importlib.util
+
+    missing = [name for name in ("accelerate",) if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"qwenvl train needs the 'train' extra ({', '.join(missing)} is not installed): "
+        "pip install 'qwenvl[train]' (from a checkout: pip install -e '.[train]')"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (missing := _missing_train_extra()) is not None:
+        print(f"qwenvl train: error: {missing}", file=sys.stderr)
+        return 2
     from transformers import HfArgumentParser
 
     from qwenvl.train.argument import TrainingArguments
@@ -301,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in _DEFAULT_FLAGS:
         if not _given(argv, flag):
             argv = [*argv, flag, value]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:  # a value the dataclasses refuse (ours, or TrainingArguments' own checks)
+        print(f"qwenvl train: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qwenvl.data import BadSampleError, DataFileError
 

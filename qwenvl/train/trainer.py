@@ -1,7 +1,9 @@
 """``QwenVLTrainer``: transformers' ``Trainer`` with per-component learning rates that are never silently wrong.
 
 Importing this module changes nothing: no patching, no reassignment of ``transformers.Trainer`` methods.
-Only instances of ``QwenVLTrainer`` build their optimizer from :func:`qwenvl.train.optim.build_param_groups`.
+Only instances of ``QwenVLTrainer`` build their optimizer from :func:`qwenvl.train.optim.build_param_groups`;
+``QwenVLTrainer.train`` patches the model for packed batches for its duration when no qwenvl patch covers it
+(reverted when it ends), and a packed batch that reaches an unpatched model is refused in one line.
 
 Where per-component learning rates cannot take effect, it raises instead of training with one learning rate:
 
@@ -34,9 +36,9 @@ from transformers import TrainerCallback
 
 from qwenvl.train.distributed import VisionDummy, dummy_vision_pass_wanted, vision_modalities
 from qwenvl.train.optim import build_param_groups
-from qwenvl.train.report import log_trainable_report
+from qwenvl.train.report import trainable_report
 
-__all__ = ["QwenVLTrainer", "check_deepspeed_config", "replace_qwen2_vl_attention_class"]
+__all__ = ["QwenVLTrainer", "SaveProcessorCallback", "check_deepspeed_config", "replace_qwen2_vl_attention_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,17 +209,55 @@ def _fill_missing_optimizer_state(optimizer) -> int:
     return len(missing)
 
 
-class _TrainableReportCallback(TrainerCallback):
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            log_trainable_report(model, logger)
+class UnpatchedPackedBatch(ValueError):
+    """A packed batch reached a model that no qwenvl patch covers: transformers would crash on it, or worse,
+    ignore its sample boundaries."""
+
+
+def _refuse_unpatched_packed(model, inputs) -> None:
+    """One line instead of a crash deep in transformers' mask code (or silently mixed samples): a batch in a
+    packed convention that only the patch reads (``attention_mask`` as 1-D cu_seqlens, ``cu_seq_lens_q`` kwargs)
+    while the model's family is not patched. Shape checks only: no host sync."""
+    mask = inputs.get("attention_mask")
+    packed = (isinstance(mask, torch.Tensor) and mask.ndim == 1) or "cu_seq_lens_q" in inputs
+    if not packed:
+        return
+    from qwenvl.families import UnknownFamilyError, family_of_model
+    from qwenvl.patches import active_patch
+
+    try:
+        family = family_of_model(model).name
+    except UnknownFamilyError as exc:
+        raise UnpatchedPackedBatch(f"a packed batch (cu_seqlens) for a model qwenvl cannot patch: {exc}") from None
+    active = active_patch()
+    if active is None or family not in active.families:
+        raise UnpatchedPackedBatch(
+            f"a packed batch (cu_seqlens) reached an unpatched {family} model: patch it first, "
+            "`with qwenvl.patch(model): trainer.train()` (QwenVLTrainer.train does this when nothing is patched)"
+        )
+
+
+class SaveProcessorCallback(TrainerCallback):
+    """Put the processor in every ``checkpoint-N/`` too, so each one reloads with ``AutoProcessor`` (the Trainer
+    saves the model, optimizer and state there; ``save_processor`` keeps the model directory's own video
+    processor where this machine cannot build one)."""
+
+    def __init__(self, processor, model_path):
+        self.processor, self.model_path = processor, model_path
+
+    def on_save(self, args, state, control, **kwargs):
+        from qwenvl.data.processor import save_processor
+
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            save_processor(self.processor, self.model_path, folder)
 
 
 class QwenVLTrainer(transformers.Trainer):
     """``transformers.Trainer`` with one optimizer group per (component, decay) pair.
 
     Reads ``args.mm_projector_lr`` and ``args.vision_tower_lr`` (see :class:`qwenvl.train.argument.TrainingArguments`;
-    plain ``transformers.TrainingArguments`` work too and give base-lr groups). Logs the trainable-parameter
+    plain ``transformers.TrainingArguments`` work too and give base-lr groups). Prints the trainable-parameter
     report when training begins (rank 0 only).
 
     ``vision_dummy`` is the :class:`qwenvl.train.distributed.VisionDummy` on the model (``None`` when off): it
@@ -258,7 +298,36 @@ class QwenVLTrainer(transformers.Trainer):
                 "Build its groups with qwenvl.train.optim.build_param_groups to get per-component learning rates.",
                 " and ".join(lrs),
             )
-        self.add_callback(_TrainableReportCallback())
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with the trainable-parameter report printed first (rank 0); training on packed rows
+        (a ``PackedDataset`` or the ``PackedCollator``) while nothing is patched, the model is patched for the
+        duration (``qwenvl.patch(model)``, reverted when training ends)."""
+        if self.is_world_process_zero():
+            # printed, not logged: a plain script has logging unconfigured; before the progress bar exists
+            print(trainable_report(self.model).format(), flush=True)
+        handle = self._patch_if_needed()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.revert()
+
+    def _patch_if_needed(self):
+        from qwenvl.families import UnknownFamilyError, family_of_model
+        from qwenvl.patches import active_patch, patch
+
+        try:
+            family = family_of_model(self.model).name
+        except UnknownFamilyError:
+            return None  # not a model we patch; a packed batch reaching it is refused in training_step
+        from qwenvl.data import PackedCollator, PackedDataset
+
+        packed = isinstance(self.train_dataset, PackedDataset) or isinstance(self.data_collator, PackedCollator)
+        if not packed or active_patch() is not None:
+            return None  # ordinary batches need no patch; a patch the caller applied stays theirs (training_step judges it)
+        logger.info("QwenVLTrainer: %s patched for packed batches (qwenvl.patch(model)) for this training run", family)
+        return patch(self.model)
 
     def _get_train_sampler(self, train_dataset=None):
         """A ``PackedDataset`` packed for several ranks keeps each step's rows together (``StepSampler``), so
@@ -280,6 +349,7 @@ class QwenVLTrainer(transformers.Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, *args, **kwargs):
+        _refuse_unpatched_packed(self.model, inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.vision_dummy is not None and self.accelerator.sync_gradients:
             self._drop_untouched_vision_grads()
