@@ -20,6 +20,7 @@ writes those files again from what the registry serves today (then run `nox -t c
 
 from __future__ import annotations
 
+import site
 from pathlib import Path
 
 import nox
@@ -110,15 +111,27 @@ def parity_version(session: nox.Session) -> None:
     _tests(session, transformers=version, paths=PARITY_PATHS, locked=_lock_file(version).exists(), posargs=rest)
 
 
-@nox.session(default=False, venv_params=["--system-site-packages"])
+@nox.session(default=False)
 def gpu(session: nox.Session) -> None:
     """The suite on CUDA: bf16/fp16 backends, golden and JAX interop on the GPU (uses the machine's CUDA torch).
 
-    The virtualenv sees the system site-packages, so the CUDA torch (and JAX, if installed) of the machine are
-    used; the project and its test extra are installed into it.
+    The virtualenv sees the packages of the environment nox runs in (a .pth file naming its site-packages; a
+    plain --system-site-packages would miss them where that environment is itself a virtualenv, as on images
+    that ship torch in one), so the machine's CUDA torch (and JAX, torchvision, a video decoder) are used; the
+    project and its test, liger (the fused loss on CUDA) and video (PyAV) extras are installed into it.
     """
-    session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "--device", "cuda", "parity_tests", *session.posargs)
+    purelib = session.run(
+        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
+    ).strip()
+    Path(purelib, "_machine_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # No build isolation: the machine's setuptools builds the editable install, so a GPU box without internet
+    # (whose packages are all there already) runs the session too.
+    session.install("--no-build-isolation", "-e", ".[test,liger,video]")
+    # Six workers by default: one H100/H200 holds them, and the whole suite then runs in minutes.
+    workers = [] if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in session.posargs) else ["-n", "6"]
+    session.run(
+        "python", "-m", "pytest", "-p", "no:cacheprovider", "--device", "cuda", *workers, "parity_tests", *session.posargs
+    )
 
 
 @nox.session(default=False)

@@ -47,6 +47,10 @@ def _share_the_cores() -> None:
 
 
 _share_the_cores()
+# JAX takes 75% of the GPU's memory when it first starts on one: with six workers sharing an H200, the worker that
+# ran a JAX test left the others 3 MiB (every torch test after it ran out of memory). Allocate as needed instead;
+# set before any test imports jax, and inherited by the processes tests start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 _REPORT_ENV = "QWENVL_PARITY_REPORT"
 _WORKER_KEY = "qwenvl_parity_rows"

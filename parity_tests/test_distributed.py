@@ -327,6 +327,9 @@ def _two_processes(out: Path) -> types.SimpleNamespace:
     # second thread changes the summation order of some CPU kernels (measured: the
     # embedding's gradient differed with 2 threads per rank on transformers 4.57.6).
     env["OMP_NUM_THREADS"] = "1"
+    # A CPU test on every machine: on a CUDA box the Trainer would put each rank on cuda:0 while gloo and the
+    # one-process references stay on the CPU ("Calculated loss must be on the original device").
+    env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).resolve()), str(out / "spec.json")],

@@ -51,7 +51,10 @@ def wheel_env(tmp_path_factory):
     python = env_dir / "bin" / "python"
     _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", wheel, cwd=tmp)
     fresh_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp).strip())
-    (fresh_site / "_qwenvl_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # The test environment's packages, as this process sees them (its site-packages and whatever a .pth or
+    # PYTHONPATH added: the nox GPU session reaches the machine's torch that way), never the checkout itself.
+    deps = [p for p in dict.fromkeys([*site.getsitepackages(), *sys.path]) if p and Path(p).is_dir() and not Path(p).resolve().is_relative_to(ROOT)]
+    (fresh_site / "_qwenvl_test_deps.pth").write_text("\n".join(deps) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return env_dir, env, tmp
 
