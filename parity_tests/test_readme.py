@@ -46,6 +46,8 @@ def test_python_snippet_runs_as_written(body, tmp_path, monkeypatch, capsys):
     for module in re.findall(r"^\s*(?:from|import) (\w+)", body, flags=re.M):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"the snippet imports {module}, which is not installed here")
+    if "jax" in body:  # qwenvl.reference.jax_attention imports jax when called
+        pytest.importorskip("jax", reason="the JAX snippet needs the 'jax' extra (nox -s jax runs it)")
     if "Trainer" in body:
         pytest.importorskip("accelerate", reason="the Trainer needs the 'train' extra (accelerate)")
     monkeypatch.chdir(ROOT if "fixtures/golden" in body else tmp_path)

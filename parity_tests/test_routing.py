@@ -31,8 +31,9 @@ def _setup(family):
 
 
 def test_every_moe_family_names_its_blocks():
-    assert MOE_FAMILIES, "no MoE family on this release"
-    for family in MOE_FAMILIES:
+    here = [family for family in MOE_FAMILIES if FAMILIES[family].available()]
+    assert here, "no MoE family on this release"
+    for family in here:
         model = tiny_model(family)
         blocks = moe_blocks(model, (FAMILIES[family].moe_block,))
         # every module of the text model that routes tokens to experts (GLM-4V-MoE's first layer is dense)
@@ -78,7 +79,7 @@ def test_replay_imposes_the_recorded_choice(family):
 
 
 def test_a_replay_over_other_tokens_is_refused():
-    model, samples, pin = _setup(MOE_FAMILIES[0])
+    model, samples, pin = _setup(next(f for f in MOE_FAMILIES if FAMILIES[f].available()))
     with pin.record(model):
         _logits(model, samples[:1])
     with pytest.raises(ValueError, match="more tokens"):
