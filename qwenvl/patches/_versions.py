@@ -18,7 +18,7 @@ __all__ = [
 MIN_VERSION = Version("4.57.0")
 MAX_VERSION_EXCLUSIVE = Version("6.0.0")
 # The releases the parity matrix runs (pyproject.toml [tool.qwenvl] transformers-matrix).
-TESTED_VERSIONS = ("4.57.6", "5.0.0", "5.10.4", "5.24.0")
+TESTED_VERSIONS = ("4.57.6", "5.0.0", "5.10.4", "5.24.0", "5.25.0")
 
 
 class UnsupportedTransformersVersion(RuntimeError):
