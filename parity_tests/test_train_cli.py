@@ -63,6 +63,10 @@ def test_compiled_regions_and_fused_loss_train_like_the_plain_run(tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
     assert _train(tmp_path, "whole", *common)[0] == 0
+    # every checkpoint reloads on its own, processor included (the Trainer alone saves none there)
+    for step in (2, 4):
+        assert (tmp_path / "whole" / f"checkpoint-{step}" / "tokenizer.json").is_file()
+        assert load_processor(tmp_path / "whole" / f"checkpoint-{step}").tokenizer is not None
     # the interrupted run: the same run picked up from its step-2 checkpoint, in a folder of its own
     assert _train(tmp_path, "resumed", *common, "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))[0] == 0
     # resumed, not restarted: it saved only the step-4 checkpoint (a fresh run would save step 2 as well)
