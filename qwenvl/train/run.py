@@ -126,11 +126,12 @@ def _model_class(model_path: str):
             hub_log.setLevel(level)
     try:
         model_type = json.loads(config_file.read_text())["model_type"]
-        return getattr(transformers, get_family(model_type).entry_classes[0])
     except (KeyError, ValueError) as exc:
-        if isinstance(exc, UnknownFamilyError):
-            raise Refused(f"{flag}: {exc}") from None
         raise Refused(f"{flag}: {config_file} is not a transformers config ({type(exc).__name__}: {exc})") from None
+    try:
+        return getattr(transformers, get_family(model_type).entry_classes[0])
+    except UnknownFamilyError as exc:
+        raise Refused(f"{flag}: {exc}") from None
 
 
 def _default_model_dir() -> str:
@@ -325,13 +326,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
 
 
 def _missing_train_extra() -> str | None:
+    """Why ``qwenvl train`` cannot start here (transformers' Trainer needs accelerate), or ``None``."""
     import importlib.util
 
-    missing = [name for name in ("accelerate",) if importlib.util.find_spec(name) is None]
-    if not missing:
+    if importlib.util.find_spec("accelerate") is not None:
         return None
     return (
-        f"qwenvl train needs the 'train' extra ({', '.join(missing)} is not installed): "
+        "qwenvl train needs the 'train' extra (accelerate is not installed): "
         "pip install 'qwenvl[train]' (from a checkout: pip install -e '.[train]')"
     )
 

@@ -314,18 +314,17 @@ class QwenVLTrainer(transformers.Trainer):
                 handle.revert()
 
     def _patch_if_needed(self):
+        from qwenvl.data import PackedCollator, PackedDataset
         from qwenvl.families import UnknownFamilyError, family_of_model
         from qwenvl.patches import active_patch, patch
-
-        try:
-            family = family_of_model(self.model).name
-        except UnknownFamilyError:
-            return None  # not a model we patch; a packed batch reaching it is refused in training_step
-        from qwenvl.data import PackedCollator, PackedDataset
 
         packed = isinstance(self.train_dataset, PackedDataset) or isinstance(self.data_collator, PackedCollator)
         if not packed or active_patch() is not None:
             return None  # ordinary batches need no patch; a patch the caller applied stays theirs (training_step judges it)
+        try:
+            family = family_of_model(self.model).name
+        except UnknownFamilyError:
+            return None  # not a model we patch; a packed batch reaching it is refused in training_step
         logger.info("QwenVLTrainer: %s patched for packed batches (qwenvl.patch(model)) for this training run", family)
         return patch(self.model)
 

@@ -15,7 +15,6 @@ a packing error; how many tokens would have flipped is reported.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -151,18 +150,19 @@ def run_case(
     def run_alone(m):
         return _alone(m, [_to_dtype(s, m) for s in samples], weights, device)
 
-    # MoE families: the yardstick and the packed run take the oracle's expert choice (qwenvl.verify.routing).
-    spec = get_family(family)
-    pin = RoutingPin((spec.moe_block,), base.config.text_config.num_experts_per_tok) if spec.moe_block else None
-    with pin.record(ref_model) if pin else contextlib.nullcontext():
+    # MoE families: the yardstick and the packed run take the oracle's expert choice (qwenvl.verify.routing); with
+    # no MoE block the pin intercepts nothing.
+    moe_block = get_family(family).moe_block
+    pin = RoutingPin(() if moe_block is None else (moe_block,), getattr(base.config.text_config, "num_experts_per_tok", 0))
+    with pin.record(ref_model):
         ref_logits, ref_grads = run_alone(ref_model)
-    with pin.replay(model) if pin else contextlib.nullcontext():
+    with pin.replay(model):
         pt_logits, pt_grads = run_alone(model)
-    pt_flips = pin.flips if pin else 0
+    pt_flips = pin.flips
     batches = [_batch_to_dtype(batch, dtype) for batch in batches]
-    with pin.replay(model) if pin else contextlib.nullcontext():
+    with pin.replay(model):
         logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
-    flips = pin.flips if pin else 0
+    flips = pin.flips
 
     tol = tolerance(device, dtype)
     logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
