@@ -52,8 +52,13 @@ def wheel_env(tmp_path_factory):
     _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", wheel, cwd=tmp)
     fresh_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp).strip())
     # The test environment's packages, as this process sees them (its site-packages and whatever a .pth or
-    # PYTHONPATH added: the nox GPU session reaches the machine's torch that way), never the checkout itself.
-    deps = [p for p in dict.fromkeys([*site.getsitepackages(), *sys.path]) if p and Path(p).is_dir() and not Path(p).resolve().is_relative_to(ROOT)]
+    # PYTHONPATH added: the nox GPU session reaches the machine's torch that way), never the checkout's own
+    # source folders (a nox virtualenv inside the checkout is still the environment).
+    def is_environment(path: str) -> bool:
+        resolved = Path(path).resolve()
+        return resolved.is_dir() and (not resolved.is_relative_to(ROOT) or "site-packages" in resolved.parts)
+
+    deps = [p for p in dict.fromkeys([*site.getsitepackages(), *sys.path]) if p and is_environment(p)]
     (fresh_site / "_qwenvl_test_deps.pth").write_text("\n".join(deps) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return env_dir, env, tmp
