@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -124,7 +125,15 @@ def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
     ],
 )
 def test_bad_options_are_refused_up_front(tmp_path, capsys, args, message):
-    assert qwenvl_main(["train", "--output-dir", str(tmp_path / "o"), *args]) == 2
+    # TrainingArguments(torch_compile=True) exports ACCELERATE_DYNAMO_BACKEND into os.environ, and every later
+    # Trainer in this process then compiles its model (the gloo test's one-process reference got other loss bits
+    # whenever this test had run before it in the same worker): the environment is put back afterwards.
+    saved = dict(os.environ)
+    try:
+        assert qwenvl_main(["train", "--output-dir", str(tmp_path / "o"), *args]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists(), "refused before anything ran"
