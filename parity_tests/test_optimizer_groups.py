@@ -22,7 +22,7 @@ from trainer_strategies import (
 )
 
 from qwenvl.train.argument import TrainingArguments
-from qwenvl.train.optim import COMPONENTS, build_param_groups, classify, group_name
+from qwenvl.train.optim import COMPONENTS, UnreachedLearningRate, build_param_groups, classify, group_name
 from qwenvl.train.trainer import QwenVLTrainer
 
 _ORDER = [group_name(c, d) for c in COMPONENTS for d in (True, False)]
@@ -128,6 +128,18 @@ def test_groups_partition_trainable_parameters(family, plan, lr, weight_decay, m
     trainer.args.weight_decay = weight_decay
     trainer.args.mm_projector_lr = mm_projector_lr
     trainer.args.vision_tower_lr = vision_tower_lr
+    # The trainer never trains with a set rate that reaches nothing (build_param_groups' require_reach).
+    unreached = [
+        what
+        for what, component in (("mm_projector_lr", "projector"), ("vision_tower_lr", "vision"))
+        if spec[what] is not None and not any(g["name"].startswith(component) for g in groups)
+    ]
+    if unreached:
+        for call in (lambda: trainer.create_optimizer(), lambda: trainer.create_optimizer(model)):
+            trainer.optimizer = None
+            with pytest.raises(UnreachedLearningRate, match=rf"({'|'.join(unreached)})=.* reaches no trainable parameter"):
+                call()
+        return
     if not groups:
         for call in (lambda: trainer.create_optimizer(), lambda: trainer.create_optimizer(model)):
             trainer.optimizer = None

@@ -16,6 +16,11 @@ __version__ = "0.1.0"
 
 __all__ = ["patch", "VarlenMeta", "varlen_attention", "__version__"]
 
+from qwenvl._checkout import CheckoutPath
+
+# Ours first, then an upstream fine-tuning checkout's own `qwenvl/` modules (qwenvl._checkout).
+__path__ = CheckoutPath(__path__, __name__)
+
 
 def __getattr__(name):
     # Lazy: `import qwenvl` stays cheap and never imports transformers or a kernel package.

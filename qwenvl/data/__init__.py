@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from qwenvl._checkout import CheckoutPath, checkout_attribute
+
+# Ours first, then an upstream checkout's `qwenvl/data/` (its data_processor, rope2d): qwenvl._checkout.
+__path__ = CheckoutPath(__path__, __name__)
+
 from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator
 from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, check_rows, read_rows
 from qwenvl.data.packer import Packing, ShardedPacking, pack, pack_shards, shard_by_tokens
@@ -101,3 +106,9 @@ class StepSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         for step in torch.randperm(self.steps, generator=generator).tolist():
             yield from range(step * self.shards, (step + 1) * self.shards)
+
+
+def __getattr__(name):
+    # Upstream's `qwenvl/data/__init__.py` holds its dataset registry (data_list, data_dict), which its
+    # data_processor imports with `from . import data_list`: names we lack come from a checkout's.
+    return checkout_attribute(__name__, __path__, name)

@@ -51,3 +51,21 @@ class TrainingArguments(transformers.TrainingArguments):
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
         super().__post_init__()
+
+
+def __getattr__(name):
+    # An upstream fine-tuning checkout has its own qwenvl/train/argument.py (ModelArguments, DataArguments, its
+    # TrainingArguments), which this module shadows: say how to reach it instead of a bare ImportError.
+    import qwenvl.train
+    from qwenvl._checkout import checkout_file
+
+    file = None if name.startswith("__") else checkout_file(qwenvl.train.__path__, "argument.py")
+    if file is not None:
+        with open(file, encoding="utf-8") as f:
+            defines = f"class {name}" in f.read()
+        if defines:
+            raise ImportError(
+                f"qwenvl.train.argument is qwenvl's and has no {name}; the upstream checkout's {file} defines it: "
+                "call qwenvl.train.upstream.install() before importing it (docs/migration.md)"
+            )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

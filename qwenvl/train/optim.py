@@ -28,7 +28,17 @@ from typing import Literal
 
 import torch
 
-__all__ = ["COMPONENTS", "Component", "classify", "build_param_groups", "component_lrs", "group_name"]
+__all__ = [
+    "COMPONENTS",
+    "Component",
+    "classify",
+    "build_param_groups",
+    "component_lrs",
+    "group_name",
+    "UnreachedLearningRate",
+    "upstream_param_groups",
+    "adopt_optimizer_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +87,14 @@ def component_lrs(
     }
 
 
+class UnreachedLearningRate(ValueError):
+    """A per-component learning rate was set but no trainable parameter belongs to that component."""
+
+
+_LR_OF = {"vision": "vision_tower_lr", "projector": "mm_projector_lr"}
+_WHAT = {"vision": "the vision tower (every '*visual*' parameter but the projector)", "projector": "the projector ('*merger*')"}
+
+
 def _default_decay_names(model: torch.nn.Module) -> list[str]:
     from transformers import Trainer
 
@@ -93,6 +111,7 @@ def build_param_groups(
     mm_projector_lr: float | None = None,
     vision_tower_lr: float | None = None,
     decay_parameter_names: Iterable[str] | None = None,
+    require_reach: bool = False,
 ) -> list[dict]:
     """Optimizer parameter groups: one per (component, decay) pair that has trainable parameters.
 
@@ -104,6 +123,8 @@ def build_param_groups(
         vision_tower_lr: learning rate of the rest of the vision tower (``None``: ``lr``).
         decay_parameter_names: names that take weight decay; default transformers' own rule
             (``Trainer.get_decay_parameter_names``). A name ending in ``bias`` never decays.
+        require_reach: raise :class:`UnreachedLearningRate` when ``mm_projector_lr`` or ``vision_tower_lr`` is
+            set and its component has no trainable parameter (a rate that would silently do nothing).
 
     Returns:
         Groups in the fixed order base, vision, projector, each decay then no-decay; empty groups omitted.
@@ -121,6 +142,15 @@ def build_param_groups(
             continue
         decay = name in decay_names and not name.endswith("bias")
         buckets[classify(name), decay].append(param)
+
+    if require_reach:
+        for component, what in _LR_OF.items():
+            value = {"vision": vision_tower_lr, "projector": mm_projector_lr}[component]
+            if value is not None and not (buckets[component, True] or buckets[component, False]):
+                raise UnreachedLearningRate(
+                    f"{what}={value} reaches no trainable parameter: {_WHAT[component]} is frozen or absent. "
+                    f"Make it trainable (--tune_mm_{'vision' if component == 'vision' else 'mlp'} True) or unset {what}"
+                )
 
     groups = []
     for component in COMPONENTS:
@@ -145,3 +175,118 @@ def build_param_groups(
                 component,
             )
     return groups
+
+
+# -- optimizer states written by the upstream Qwen-VL fine-tuning trainer -----------------------------------
+
+
+def upstream_param_groups(
+    model: torch.nn.Module, count: int, *, decay_parameter_names: Iterable[str] | None = None
+) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each group the upstream trainer's ``create_optimizer`` builds, in its order.
+
+    Upstream (``qwen-vl-finetune/qwenvl/train/trainer.py``) makes 2, 4 or 6 groups, empty ones kept, by its own
+    rule: projector = name contains ``merger``, vision = name contains ``visual``, decay = transformers' decay
+    names without any name containing ``bias``; trainable parameters only, in ``named_parameters`` order::
+
+        2 groups (no component lr set):          decay, no-decay
+        4 groups (mm_projector_lr set):          decay, no-decay            (not projector), decay, no-decay (projector)
+        6 groups (and vision_tower_lr set):      decay base, decay vision, no-decay base, no-decay vision,
+                                                 decay projector, no-decay projector
+
+    ``count`` is the number of groups the saved state has. Raises ``ValueError`` for any other count.
+    """
+    decay_names = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def select(*, decay: bool, projector: bool | None = None, vision: bool | None = None):
+        return [
+            p
+            for n, p in named
+            if ((n in decay_names and "bias" not in n) == decay)
+            and (projector is None or ("merger" in n) == projector)
+            and (vision is None or ("visual" in n) == vision)
+        ]
+
+    if count == 2:
+        return [select(decay=True), select(decay=False)]
+    if count == 4:
+        return [
+            select(decay=True, projector=False),
+            select(decay=False, projector=False),
+            select(decay=True, projector=True),
+            select(decay=False, projector=True),
+        ]
+    if count == 6:
+        return [
+            select(decay=True, projector=False, vision=False),
+            select(decay=True, projector=False, vision=True),
+            select(decay=False, projector=False, vision=False),
+            select(decay=False, projector=False, vision=True),
+            select(decay=True, projector=True),
+            select(decay=False, projector=True),
+        ]
+    raise ValueError(f"upstream's create_optimizer makes 2, 4 or 6 parameter groups, not {count}")
+
+
+class OptimizerStateMismatch(ValueError):
+    """A saved optimizer state that fits neither our parameter groups nor upstream's for this model."""
+
+
+def adopt_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, decay_parameter_names=None) -> dict:
+    """A state dict that ``optimizer`` (our groups, :func:`build_param_groups`) loads, from ``saved``.
+
+    ``saved`` is returned unchanged when its groups are ours (same count and sizes). A state written by the
+    upstream trainer (no group names; 2, 4 or 6 groups, empty ones kept) is mapped parameter by parameter: each
+    parameter keeps its moments and step, and each of our groups takes the learning-rate schedule's progress
+    (saved ``lr / initial_lr``) of the upstream group its parameters were in, times its own initial rate.
+
+    Raises:
+        OptimizerStateMismatch: neither layout fits (another model, other frozen parts, another optimizer).
+    """
+    ours = optimizer.state_dict()
+    saved_groups, our_groups = saved["param_groups"], ours["param_groups"]
+    sizes = [len(g["params"]) for g in saved_groups]
+    if sizes == [len(g["params"]) for g in our_groups] and all("name" in g for g in saved_groups):
+        return saved
+    named = all("name" in g for g in saved_groups)
+    try:
+        if named:
+            raise ValueError("its groups are named, so it was written by qwenvl, for other groups")
+        upstream = upstream_param_groups(model, len(saved_groups), decay_parameter_names=decay_parameter_names)
+    except ValueError as exc:
+        raise OptimizerStateMismatch(
+            f"the saved optimizer state has {len(saved_groups)} groups of {sizes} tensors, which fit neither this "
+            f"model's groups ({[len(g['params']) for g in our_groups]}) nor upstream's ({exc})"
+        ) from None
+    if [len(g) for g in upstream] != sizes:
+        raise OptimizerStateMismatch(
+            f"the saved optimizer state has groups of {sizes} tensors; upstream's create_optimizer would make "
+            f"{[len(g) for g in upstream]} for this model (other parameters trainable, or another model)"
+        )
+    param_of_old: dict[int, torch.nn.Parameter] = {}
+    group_of_param: dict[int, dict] = {}
+    for group, params in zip(saved_groups, upstream):
+        for index, param in zip(group["params"], params):
+            param_of_old[index] = param
+            group_of_param[id(param)] = group
+    live = [p for group in optimizer.param_groups for p in group["params"]]
+    new_index = {id(p): i for i, p in enumerate(live)}
+    state = {}
+    for old, value in saved["state"].items():
+        param = param_of_old[old]
+        if id(param) not in new_index:
+            raise OptimizerStateMismatch("a parameter the saved state trains is not in this optimizer")
+        for key, tensor in value.items():
+            if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape != param.shape:
+                raise OptimizerStateMismatch(f"saved {key} of shape {tuple(tensor.shape)} for a parameter of shape {tuple(param.shape)}")
+        state[new_index[id(param)]] = value
+    groups = []
+    for our, live_group in zip(our_groups, optimizer.param_groups):
+        our = dict(our)
+        source = group_of_param.get(id(live_group["params"][0])) if live_group["params"] else None
+        if source is not None and source.get("initial_lr"):
+            progress = source["lr"] / source["initial_lr"]
+            our["lr"] = our.get("initial_lr", our["lr"]) * progress
+        groups.append(our)
+    return {"state": state, "param_groups": groups}

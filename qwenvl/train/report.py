@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TrainableReport", "trainable_report", "log_trainable_report", "compress_ranges"]
+__all__ = ["TrainableReport", "trainable_report", "log_trainable_report", "compress_ranges", "upstream_trainable_lines"]
 
 _logger = logging.getLogger(__name__)
 
@@ -194,8 +194,12 @@ def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def trainable_report(model: torch.nn.Module) -> TrainableReport:
-    """Summarise ``requires_grad`` over ``model``'s parameters by Qwen-VL component."""
+def trainable_report(model: torch.nn.Module, *, prefix: str = "") -> TrainableReport:
+    """Summarise ``requires_grad`` over ``model``'s parameters by Qwen-VL component.
+
+    ``prefix`` is the name ``model`` has inside the whole model (``"visual."`` for a vision tower on its own),
+    so that its parameters are placed as they would be there.
+    """
     counts = {component: [0, 0] for component in COMPONENTS}
     # (component, index) -> [trainable params, params]
     per_unit: dict[tuple[str, int | None], list[int]] = {}
@@ -206,7 +210,7 @@ def trainable_report(model: torch.nn.Module) -> TrainableReport:
         if _PEFT_ORIGINAL in name:
             originals[id(param)] = _numel(param)
             continue
-        component, index = _locate(_PEFT_COPY.sub(".", name))
+        component, index = _locate(prefix + _PEFT_COPY.sub(".", name))
         if id(param) in seen:
             # A tied parameter: report it under its first owner only, so counts add up to the model's total.
             tied_lm_head |= component == "lm_head" and seen[id(param)] == "embeddings"
@@ -268,3 +272,46 @@ def log_trainable_report(model: torch.nn.Module, logger: logging.Logger | None =
     report = trainable_report(model)
     (logger or _logger).info("%s", report.format())
     return report
+
+
+def upstream_trainable_lines(module: torch.nn.Module) -> str:
+    """The upstream fine-tuning trainer's ``print_trainable_parameters`` lines, from :func:`trainable_report`.
+
+    For a vision tower (a module with ``blocks``)::
+
+        Vision Module - Attention Blocks:
+        Trainable Block Indices: [0, 1]           (every parameter of the block trains)
+        Non-Trainable Block Indices: None
+        Merger Module Trainable: True             (any parameter of the merger trains)
+
+    For a language model (or a model holding one as ``language_model``)::
+
+        LLM Module - Embed Tokens Trainable: True (any parameter)
+        LLM Module - Trainable Layer Indices: [0, 1]   (any parameter of the layer)
+        LLM Module - Non-Trainable Layer Indices: None
+    """
+
+    def listed(indices) -> str:
+        return str(sorted(indices)) if indices else "None"
+
+    def trains(status: str) -> bool:
+        return status in ("trainable", "partly trainable")
+
+    if hasattr(module, "blocks"):
+        report = trainable_report(module, prefix="visual.")
+        return "\n".join(
+            [
+                "Vision Module - Attention Blocks:",
+                f"Trainable Block Indices: {listed(report.vision_blocks_trainable)}",
+                f"Non-Trainable Block Indices: {listed(report.vision_blocks_partial + report.vision_blocks_frozen)}",
+                f"Merger Module Trainable: {trains(report.merger)}",
+            ]
+        )
+    report = trainable_report(getattr(module, "language_model", module))
+    return "\n".join(
+        [
+            f"LLM Module - Embed Tokens Trainable: {trains(report.embeddings)}",
+            f"LLM Module - Trainable Layer Indices: {listed(report.layers_trainable + report.layers_partial)}",
+            f"LLM Module - Non-Trainable Layer Indices: {listed(report.layers_frozen)}",
+        ]
+    )

@@ -35,20 +35,42 @@ import transformers.trainer
 from transformers import TrainerCallback
 
 from qwenvl.train.distributed import VisionDummy, dummy_vision_pass_wanted, vision_modalities
-from qwenvl.train.optim import build_param_groups
+from qwenvl.train.optim import OptimizerStateMismatch, adopt_optimizer_state, build_param_groups
 from qwenvl.train.report import trainable_report
 
-__all__ = ["QwenVLTrainer", "SaveProcessorCallback", "check_deepspeed_config", "replace_qwen2_vl_attention_class"]
+__all__ = [
+    "QwenVLTrainer",
+    "SaveProcessorCallback",
+    "check_deepspeed_config",
+    "create_component_optimizer",
+    "replace_qwen2_vl_attention_class",
+]
 
 logger = logging.getLogger(__name__)
 
 _PER_COMPONENT = ("mm_projector_lr", "vision_tower_lr")
 
 
+_WARNED_PLAIN_TRAINER = False
+
+
 def replace_qwen2_vl_attention_class(backend: str = "auto"):
-    """Upstream-compatible entry point: patch all supported Qwen-VL families for packed batches."""
+    """Upstream-compatible entry point: patch all supported Qwen-VL families for packed batches.
+
+    Attention only. Upstream's module also made every ``Trainer`` honour ``mm_projector_lr`` /
+    ``vision_tower_lr``; a plain ``transformers.Trainer`` ignores them, so this says so once (loudly) unless
+    :func:`qwenvl.train.upstream.install` has made every Trainer build qwenvl's groups.
+    """
+    global _WARNED_PLAIN_TRAINER
     from qwenvl.patches import patch
 
+    if not getattr(transformers.Trainer.create_optimizer, "__qwenvl_upstream__", False) and not _WARNED_PLAIN_TRAINER:
+        _WARNED_PLAIN_TRAINER = True
+        logger.warning(
+            "replace_qwen2_vl_attention_class patches attention only: a plain transformers.Trainer ignores "
+            "mm_projector_lr and vision_tower_lr. Train with QwenVLTrainer, or call qwenvl.train.upstream.install() "
+            "(upstream's train_qwen.py: docs/migration.md)"
+        )
     return patch(backend=backend)
 
 
@@ -207,6 +229,110 @@ def _fill_missing_optimizer_state(optimizer) -> int:
         elif step is not None:
             inner.state[p]["step"] = 0
     return len(missing)
+
+
+def create_component_optimizer(trainer, model=None, *, fallback):
+    """The optimizer ``trainer.args.optim`` names, over :func:`build_param_groups` of ``model`` (default
+    ``trainer.model``): what ``QwenVLTrainer.create_optimizer`` and, after ``qwenvl.train.upstream.install()``,
+    every ``transformers.Trainer`` build. Keeps ``trainer.optimizer`` if one is set already.
+
+    ``fallback(model)`` builds transformers' own optimizer, for an ``--optim`` that makes its own groups.
+    Raises ``ValueError`` wherever the per-component learning rates could not take effect, and
+    :class:`qwenvl.train.optim.UnreachedLearningRate` for one set on a component with nothing to train.
+    """
+    if trainer.optimizer is not None:
+        return trainer.optimizer
+    opt_model = trainer.model if model is None else model
+
+    if trainer.optimizer_cls_and_kwargs is not None:
+        optimizer_cls, optimizer_kwargs = trainer.optimizer_cls_and_kwargs
+    else:
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, opt_model)
+    optimizer_kwargs = dict(optimizer_kwargs)
+
+    builds_own_groups = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
+    if builds_own_groups or _optimizer_factory_check()(optimizer_cls):
+        if lrs := _per_component_lrs(trainer.args):
+            raise ValueError(
+                f"--optim {trainer.args.optim} builds its own parameter groups, so {' and '.join(lrs)} cannot be "
+                "applied. Use an optimizer that takes parameter groups (e.g. adamw_torch) or unset them."
+            )
+        return fallback(model)
+
+    flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
+    if flat and _per_component_lrs(trainer.args):
+        raise ValueError(
+            f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
+            f"{' and '.join(_per_component_lrs(trainer.args))} cannot be told apart by name: use FSDP2 "
+            "(fsdp_version 2) or use_orig_params=True"
+        )
+    groups = build_param_groups(
+        opt_model,
+        lr=trainer.args.learning_rate,
+        weight_decay=trainer.args.weight_decay,
+        mm_projector_lr=getattr(trainer.args, "mm_projector_lr", None),
+        vision_tower_lr=getattr(trainer.args, "vision_tower_lr", None),
+        decay_parameter_names=trainer.get_decay_parameter_names(opt_model),
+        require_reach=True,
+    )
+    trainer.optimizer = optimizer_cls(_split_by_device_mesh(groups), **optimizer_kwargs)
+
+    if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits") == 8:
+        # As transformers does: 8-bit state for embeddings hurts; keep theirs in 32 bits.
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in opt_model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+    for group in groups if trainer.is_world_process_zero() else ():
+        logger.info(
+            "optimizer group %s: %d tensors, %d parameters, lr %g, weight decay %g",
+            group["name"],
+            len(group["params"]),
+            sum(p.numel() for p in group["params"]),
+            group["lr"],
+            group["weight_decay"],
+        )
+    return trainer.optimizer
+
+
+def load_optimizer_and_scheduler_adopting(trainer, checkpoint, load):
+    """``load(checkpoint)`` (transformers' ``_load_optimizer_and_scheduler``) with the saved optimizer state
+    mapped onto our groups where it has another layout: an ``optimizer.pt`` written by the upstream Qwen-VL
+    trainer's or a plain ``Trainer``'s ``create_optimizer`` (:func:`qwenvl.train.optim.adopt_optimizer_state`).
+
+    DeepSpeed and FSDP load their own sharded states: untouched. A state that fits no layout is refused in one
+    line naming the file and how to go on.
+    """
+    optimizer = trainer.optimizer
+    if checkpoint is None or optimizer is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return load(checkpoint)
+    own = vars(optimizer).get("load_state_dict")
+    original = optimizer.load_state_dict
+    model = trainer.model
+
+    def adopting(state_dict):
+        try:
+            state_dict = adopt_optimizer_state(
+                state_dict, optimizer, model, decay_parameter_names=trainer.get_decay_parameter_names(model)
+            )
+        except OptimizerStateMismatch as exc:
+            raise OptimizerStateMismatch(
+                f"{os.path.join(checkpoint, 'optimizer.pt')}: {exc}. To go on from the checkpoint's weights with a "
+                "fresh optimizer state, move optimizer.pt out of the checkpoint folder"
+            ) from None
+        return original(state_dict)
+
+    optimizer.load_state_dict = adopting
+    try:
+        return load(checkpoint)
+    finally:
+        if own is None:
+            del optimizer.load_state_dict
+        else:
+            optimizer.load_state_dict = own
 
 
 class UnpatchedPackedBatch(ValueError):
@@ -370,72 +496,21 @@ class QwenVLTrainer(transformers.Trainer):
                 param.grad = None
 
     def create_optimizer(self, model=None):
-        """Build the optimizer ``args.optim`` names over :func:`build_param_groups`.
+        """Build the optimizer ``args.optim`` names over :func:`build_param_groups` (:func:`create_component_optimizer`).
 
         Callable as ``create_optimizer()`` (transformers 4.57 - 5.2, and the usual path of later releases) and
         ``create_optimizer(model)`` (5.3+ passes the prepared model on its FSDP path). Keeps ``self.optimizer``
         if one is set already.
         """
-        if self.optimizer is not None:
-            return self.optimizer
-        opt_model = self.model if model is None else model
-
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        optimizer_kwargs = dict(optimizer_kwargs)
-
-        builds_own_groups = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
-        if builds_own_groups or _optimizer_factory_check()(optimizer_cls):
-            if lrs := _per_component_lrs(self.args):
-                raise ValueError(
-                    f"--optim {self.args.optim} builds its own parameter groups, so {' and '.join(lrs)} cannot be "
-                    "applied. Use an optimizer that takes parameter groups (e.g. adamw_torch) or unset them."
-                )
-            return self._upstream_create_optimizer(model)
-
-        flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
-        if flat and _per_component_lrs(self.args):
-            raise ValueError(
-                f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
-                f"{' and '.join(_per_component_lrs(self.args))} cannot be told apart by name: use FSDP2 "
-                "(fsdp_version 2) or use_orig_params=True"
-            )
-        groups = build_param_groups(
-            opt_model,
-            lr=self.args.learning_rate,
-            weight_decay=self.args.weight_decay,
-            mm_projector_lr=getattr(self.args, "mm_projector_lr", None),
-            vision_tower_lr=getattr(self.args, "vision_tower_lr", None),
-            decay_parameter_names=self.get_decay_parameter_names(opt_model),
-        )
-        self.optimizer = optimizer_cls(_split_by_device_mesh(groups), **optimizer_kwargs)
-
-        if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits") == 8:
-            # As transformers does: 8-bit state for embeddings hurts; keep theirs in 32 bits.
-            import bitsandbytes
-
-            manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
-            for module in opt_model.modules():
-                if isinstance(module, torch.nn.Embedding):
-                    manager.register_module_override(module, "weight", {"optim_bits": 32})
-
-        for group in groups if self.is_world_process_zero() else ():
-            logger.info(
-                "optimizer group %s: %d tensors, %d parameters, lr %g, weight decay %g",
-                group["name"],
-                len(group["params"]),
-                sum(p.numel() for p in group["params"]),
-                group["lr"],
-                group["weight_decay"],
-            )
-        return self.optimizer
+        return create_component_optimizer(self, model, fallback=self._upstream_create_optimizer)
 
     def _upstream_create_optimizer(self, model):
         if model is None or model is self.model:
             return super().create_optimizer()
         return super().create_optimizer(model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        return load_optimizer_and_scheduler_adopting(self, checkpoint, super()._load_optimizer_and_scheduler)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         if self.is_fsdp_enabled and self.optimizer is not None:
