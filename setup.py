@@ -1,17 +1,13 @@
 """Package discovery (the rest of the metadata is in pyproject.toml).
 
-reference/ and fixtures/ live at the top of the checkout (the design card) but ship inside the package as
-qwenvl.reference and qwenvl.fixtures, so an installed qwenvl can verify itself and no generic top-level
-name ("reference", "fixtures") is squatted in site-packages. Every package under the three roots is found
-by discovery: a new subpackage cannot be left out of the wheel.
+Everything ships under qwenvl/: the oracle (qwenvl/reference, also reachable as the top-level reference/ link
+of the checkout) and the tiny models and demo data (qwenvl/fixtures, likewise fixtures/). Each import path is
+where its files live, so a plain checkout with PYTHONPATH=. imports everything, and an editable install is a
+plain path entry (setuptools' static .pth): a namespace folder named qwenvl elsewhere on sys.path (an upstream
+fine-tuning checkout) never outranks this package. Every package under qwenvl/ is found by discovery: a new
+subpackage cannot be left out of the wheel.
 """
 
 from setuptools import find_packages, setup
 
-ROOTS = {"qwenvl": "qwenvl", "qwenvl.reference": "reference", "qwenvl.fixtures": "fixtures"}
-
-packages = []
-for name, path in ROOTS.items():
-    packages += [name, *(f"{name}.{sub}" for sub in find_packages(path))]
-
-setup(packages=packages, package_dir=ROOTS)
+setup(packages=find_packages(include=["qwenvl", "qwenvl.*"]), package_dir={"": "."})

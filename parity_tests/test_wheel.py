@@ -75,8 +75,7 @@ def test_wheel_holds_every_package(wheel_env):
         env=env,
     ).split()
     assert Path(found[0]).is_relative_to(env_dir), f"qwenvl imported from {found[0]}, not the wheel"
-    in_checkout = {"qwenvl.reference", "qwenvl.fixtures"}
-    in_checkout |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qwenvl").rglob("__init__.py")}
+    in_checkout = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qwenvl").rglob("__init__.py")}
     in_checkout -= {"qwenvl"}
     assert in_checkout <= set(found[1:]), f"missing from the wheel: {sorted(in_checkout - set(found[1:]))}"
 
@@ -94,7 +93,7 @@ def test_wheel_runs_qwenvl_verify_outside_the_checkout(wheel_env):
 def test_wheel_holds_every_fixture_file(wheel_env):
     env_dir, env, tmp = wheel_env
     installed = Path(_run(env_dir / "bin" / "python", "-c", "import qwenvl.fixtures as f; print(f.__path__[0])", cwd=tmp, env=env).strip())
-    wanted = {p.relative_to("fixtures") for p in _tracked_files() if p.parts[0] == "fixtures"}
+    wanted = {p.relative_to("qwenvl/fixtures") for p in _tracked_files() if p.parts[:2] == ("qwenvl", "fixtures")}
     missing = sorted(str(p) for p in wanted if not (installed / p).is_file())
     assert not missing, f"fixture files missing from the wheel (pyproject package-data): {missing[:10]}"
 

@@ -5,8 +5,8 @@ the CPU suite fail.
     python scripts/mutations.py --only text_attention_non_causal
     python scripts/mutations.py --list
 
-For each mutation: the checkout's qwenvl/, reference/, fixtures/, parity_tests/, examples/, scripts/ are copied to a scratch
-folder (``qwenvl.reference`` and ``qwenvl.fixtures`` are links to the copies, as setup.py maps them), one exact
+For each mutation: the checkout's qwenvl/ (its reference/ and fixtures/ inside), parity_tests/, examples/, scripts/ are
+copied to a scratch folder, one exact
 piece of source text is replaced, and the tests that should catch the bug run against that copy (``python -m
 pytest -x`` with the scratch folder first on ``sys.path``; the run checks that ``qwenvl`` was imported from it).
 A mutation is *killed* when a test fails, and the first failing test is the one reported; *survived* when every
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("qwenvl", "reference", "fixtures", "parity_tests", "examples", "scripts")
+COPIED = ("qwenvl", "parity_tests", "examples", "scripts")
 COPIED_FILES = ("pyproject.toml", "setup.py", "README.md")
 README_BEGIN = "<!-- mutations:begin (scripts/mutations.py writes this table) -->"
 README_END = "<!-- mutations:end -->"
@@ -314,13 +314,11 @@ def _ignore(folder, names):
 
 
 def make_scratch(dest: Path) -> Path:
-    """A copy of the checkout's package, its data and its tests, laid out as the editable install maps them."""
+    """A copy of the checkout's package (its oracle and fixtures inside), its tests, examples and scripts."""
     for name in COPIED:
         shutil.copytree(ROOT / name, dest / name, ignore=_ignore, symlinks=True)
     for name in COPIED_FILES:
         shutil.copy2(ROOT / name, dest / name)
-    (dest / "qwenvl" / "reference").symlink_to(Path("..") / "reference", target_is_directory=True)
-    (dest / "qwenvl" / "fixtures").symlink_to(Path("..") / "fixtures", target_is_directory=True)
     return dest
 
 
