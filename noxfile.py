@@ -49,6 +49,7 @@ PARITY_PATHS = [
     "parity_tests/test_train_cli.py",
     "parity_tests/test_golden.py",
     "parity_tests/test_distributed.py",
+    "parity_tests/test_upstream_dropin.py",
 ]
 
 
