@@ -192,3 +192,36 @@ def test_a_reply_starting_with_whitespace_is_still_found(demo):
     processor, _ = _load("qwen2_vl")
     trained = processor.tokenizer.decode(ds[0]["labels"][ds[0]["labels"] != -100])
     assert trained == "\nsee below\n\nok<|im_end|>", repr(trained)
+
+
+def test_video_samples_keep_their_seconds_per_patch_through_dataset_and_collator():
+    """CPU CI has no torchvision, so no processor builds a video there. The processor's output is built directly as
+    tensors (as qwenvl verify builds its video samples) and goes through the dataset's own item assembly
+    (``sample_item``) and the shipped ``PackedCollator``: each video's logits in the packed row are those of the
+    unpatched model on that video alone, computing its own positions from its seconds per temporal patch."""
+    import inspect
+
+    import qwenvl
+    from qwenvl.data.dataset import sample_item
+    from qwenvl.verify.batches import SampleSpec, make_sample
+
+    model = tiny_model("qwen2_5_vl")
+    takes_types = "mm_token_type_ids" in inspect.signature(type(model).forward).parameters
+    gen = torch.Generator().manual_seed(9)
+    items, alone = [], []
+    for seconds in (2.0, 0.5):
+        video = make_sample(model.config, SampleSpec(4, video=(2, 2, 4)), generator=gen)
+        ids = video.input_ids
+        out = {"input_ids": ids[None], "pixel_values_videos": video.pixel_values_videos,
+               "video_grid_thw": video.video_grid_thw, "second_per_grid_ts": torch.tensor([seconds])}
+        if takes_types:
+            out["mm_token_type_ids"] = mm_token_type_ids(model.config, ids[None])
+        items.append(sample_item(model, out, ids, ids.clone()))
+        with torch.no_grad():
+            alone.append(model(**{k: v for k, v in out.items()}, use_cache=False).logits[0])
+    batch = PackedCollator()([items])
+    assert torch.equal(batch["second_per_grid_ts"], torch.tensor([2.0, 0.5]))
+    batch.pop("labels")
+    with torch.no_grad(), qwenvl.patch(model):
+        packed = model(**batch).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=0)

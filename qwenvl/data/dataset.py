@@ -47,7 +47,7 @@ from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
 from qwenvl.positions import rope_index
 
-__all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX"]
+__all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX", "sample_item"]
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _TAG = re.compile(r"(<image>|<video>)")
 
@@ -214,6 +214,27 @@ def _check_row(ref: RowRef, row: Any) -> _Row:
     return _Row(ref, messages, media["image"], media["video"], replies)
 
 
+def sample_item(model, out, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One sample as the collators take it, from the processor's output ``out`` (batch of one) and the sample's
+    ``input_ids`` / ``labels`` ``(L,)`` (cut to length): its vision tensors (``VISION_KEYS``), its
+    ``mm_token_type_ids`` and its mrope ``position_ids (3, L)`` from the model's own ``get_rope_index``, with the
+    video's seconds per temporal patch (Qwen2.5-VL places a video's frames in time by them)."""
+    item = {"input_ids": input_ids, "labels": labels}
+    for key in VISION_KEYS:
+        if out.get(key) is not None:
+            item[key] = torch.as_tensor(out[key])
+    if out.get("mm_token_type_ids") is not None:
+        item["mm_token_type_ids"] = out["mm_token_type_ids"][0, : input_ids.numel()].to(torch.int32)
+    item["position_ids"] = rope_index(
+        model,
+        input_ids[None],
+        image_grid_thw=item.get("image_grid_thw"),
+        video_grid_thw=item.get("video_grid_thw"),
+        second_per_grid_ts=item.get("second_per_grid_ts"),
+    )[:, 0]
+    return item
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Qwen-VL fine-tuning rows as training samples (see the module docstring).
 
@@ -341,20 +362,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         truncated = False
         if input_ids.numel() > self.model_max_length:
             input_ids, labels, truncated = self._cut(row, out, input_ids, labels)
-        item = {"input_ids": input_ids, "labels": labels}
-        for key in VISION_KEYS:
-            if out.get(key) is not None:
-                item[key] = torch.as_tensor(out[key])
-        if out.get("mm_token_type_ids") is not None:
-            item["mm_token_type_ids"] = out["mm_token_type_ids"][0, : input_ids.numel()].to(torch.int32)
-        item["position_ids"] = rope_index(
-            self.model,
-            input_ids[None],
-            image_grid_thw=item.get("image_grid_thw"),
-            video_grid_thw=item.get("video_grid_thw"),
-            second_per_grid_ts=item.get("second_per_grid_ts"),
-        )[:, 0]
-        return item, truncated
+        return sample_item(self.model, out, input_ids, labels), truncated
 
     def _labels(self, row: _Row, input_ids: torch.Tensor) -> torch.Tensor:
         """-100 but the assistant replies: from after each start marker through the turn's end token."""
