@@ -43,7 +43,7 @@ def wheel_env(tmp_path_factory):
     source = tmp / "source"
     for name in _tracked_files():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
+        shutil.copy2(ROOT / name, source / name, follow_symlinks=False)  # reference/, fixtures/: links
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", source, cwd=tmp)
     (wheel,) = (tmp / "dist").glob("qwenvl-*.whl")
     env_dir = tmp / "venv"
