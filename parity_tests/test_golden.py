@@ -83,7 +83,7 @@ def test_installed_release_matches_the_goldens(family):
     assert result.status == expected, f"transformers {transformers.__version__}, {family}: {detail}"
     # Numbers, not only a verdict: every comparison's error and bound are finite.
     for comparison in (result.unpatched, result.patched, result.here):
-        if comparison is not None:  # `here` is None where the release has no float64 run (UPSTREAM_LIMITS)
+        if comparison is not None:  # `here` is None where the release has no float64 run (FamilySpec.release_bugs)
             assert 0 <= comparison.logits_err <= 1 and comparison.logits_bound > 0
 
 

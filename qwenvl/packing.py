@@ -41,6 +41,7 @@ __all__ = [
     "cu_seqlens_to_position_ids",
     "position_ids_to_cu_seqlens",
     "mask_boundary_labels",
+    "IGNORE_INDEX",
 ]
 
 
@@ -243,7 +244,11 @@ def position_ids_to_cu_seqlens(position_ids_T: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def mask_boundary_labels(labels_T: torch.Tensor, cu_seqlens_S1: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+# The label that no loss sees (transformers' and torch's cross-entropy default).
+IGNORE_INDEX = -100
+
+
+def mask_boundary_labels(labels_T: torch.Tensor, cu_seqlens_S1: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Labels with each sample's first token set to ``ignore_index``, so no label predicts across a boundary.
 
     A causal LM loss shifts labels left by one: the logits at a sample's last token are scored against the

@@ -13,7 +13,7 @@ FlashAttention's own backward done plainly (``qwenvl.reference.attention_ref_fla
 recomputed from the log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``). They round differently, and which one
 is more accurate depends on the draw: with one key per query (a window of (0, 0), length-1 segments)
 autograd's softmax backward cancels exactly and leaves a yardstick of 0, while every fused kernel leaves a
-few ulps of ``|dO| |V|``; the rule then collapsed to the floor and failed correct kernels (issue 7: ``dv``
+few ulps of ``|dO| |V|``; the rule then collapsed to the floor and failed correct kernels (measured: ``dv``
 4.8e-7 against a bound of 2.4e-7). Measured with ``scripts/measure_tails.py --degenerate`` (3000 draws
 weighted towards short segments and small windows, torch 2.13 CPU sdpa), the smallest k that passes:
 

@@ -25,13 +25,12 @@ from typing import Any, Sequence
 
 import torch
 
-from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
+from qwenvl.packing import IGNORE_INDEX, cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
 
 __all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 CONVENTIONS = ("upstream", "hf_positions")
-IGNORE_INDEX = -100
 
 
 def _flatten(items: Sequence[Any]) -> list[dict]:

@@ -23,17 +23,14 @@ import torch
 
 from qwenvl.packing import VarlenMeta
 
-__all__ = ["compile_regions", "compile_stats", "CompileStats"]
+__all__ = ["compile_regions", "compile_stats"]
 
 
-class CompileStats(dict):
+def compile_stats() -> dict[str, int]:
     """``graphs``: graphs dynamo has compiled in this process so far; ``recompiles``: recompilations."""
-
-
-def compile_stats() -> CompileStats:
     from torch._dynamo.utils import counters
 
-    return CompileStats(
+    return dict(
         graphs=int(counters["stats"]["unique_graphs"]),
         recompiles=int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
     )

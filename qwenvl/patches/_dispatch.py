@@ -30,10 +30,10 @@ import torch
 
 from qwenvl.attention import varlen_attention
 from qwenvl.packing import VarlenMeta
+from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 __all__ = ["PatchState", "entry_forward", "mask_builder", "aux_loss", "DispatchingAttentionFunctions", "dispatcher"]
 
-_WRAPPED = "__qwenvl_wrapped__"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-__all__ = ["PatchRecorder", "MISSING"]
+__all__ = ["PatchRecorder", "MISSING", "WRAPPED"]
 
 
 class _Missing:
@@ -14,6 +14,9 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+
+# The attribute a wrapper function carries naming the function it wraps (so a patch is recognised as ours).
+WRAPPED = "__qwenvl_wrapped__"
 
 
 def _restore(owner: Any, name: str, old: Any) -> None:

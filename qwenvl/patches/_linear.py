@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl.packing import VarlenMeta
+from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 __all__ = ["LINEAR_BACKENDS", "GLUE_ATTRIBUTES", "linear_forward", "resolve_linear_backend", "fla_available", "fla_problem"]
 
@@ -59,7 +60,6 @@ GLUE_ATTRIBUTES = (
     "activation",
 )
 _CACHE_NAMES = ("cache", "cache_params", "past_key_values")
-_WRAPPED = "__qwenvl_wrapped__"
 
 
 def fla_available() -> bool:

@@ -26,11 +26,10 @@ import importlib.metadata
 import torch
 import torch.nn.functional as F
 
-from qwenvl.packing import VarlenMeta
+from qwenvl.packing import IGNORE_INDEX, VarlenMeta
 
 __all__ = ["install_fused_loss", "shift_labels", "linear_cross_entropy", "LIGER_MIN_VERSION"]
 
-IGNORE_INDEX = -100
 LIGER_MIN_VERSION = "0.6.0"
 
 

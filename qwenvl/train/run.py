@@ -43,7 +43,7 @@ class ModelArguments:
     tune_mm_mlp: bool = field(default=True, metadata={"help": "Train the projector ('*merger*')."})
     tune_mm_llm: bool = field(default=True, metadata={"help": "Train the language model and lm_head."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    attention_backend: str = field(default="auto", metadata={"help": "qwenvl varlen backend: auto, sdpa, torch, flash_attn."})
+    attention_backend: str = field(default="auto", metadata={"help": "qwenvl varlen backend: auto, flash_attn, torch, sdpa or reference (the float64 oracle, slow)."})
     linear_backend: str = field(
         default="auto",
         metadata={"help": "Qwen3.5 Gated DeltaNet layers on packed rows: auto, segments, batched, torch, fla."},

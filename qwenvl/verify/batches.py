@@ -41,7 +41,6 @@ __all__ = [
     "split_by_media",
     "mixes_media",
     "runnable_specs",
-    "UPSTREAM_LIMITS",
     "UpstreamLimit",
     "upstream_limit",
 ]
@@ -54,7 +53,6 @@ class UpstreamLimit(RuntimeError):
 
 
 # The release bugs of every family (``FamilySpec.release_bugs``), by family: derived, never edited.
-UPSTREAM_LIMITS = {name: spec.release_bugs for name, spec in FAMILIES.items() if spec.release_bugs}
 
 
 def upstream_limit(family: str, what: str, version: str | None = None) -> str | None:

@@ -641,7 +641,7 @@ def _check_family(family: str, *, tensors, root) -> FamilyDrift:
 
     batch = golden_batch(tensors)
     row_starts = tensors["batch.rows"].tolist() if "batch.rows" in tensors else [0, batch.input_ids.shape[1]]
-    # What this release cannot run at all, unpatched (UPSTREAM_LIMITS names the transformers bug): say so. A row
+    # What this release cannot run at all, unpatched (FamilySpec.release_bugs names the transformers bug): say so. A row
     # mixing images and videos where one forward cannot is split (below), as the data pipeline would.
     limit = upstream_limit(family, "videos") if batch.video_grid_thw is not None else None
     if limit:
