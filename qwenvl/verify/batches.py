@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from qwenvl.families import FAMILIES, get_family
+from qwenvl.families import get_family
 from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens
 from qwenvl.positions import rope_index
 
