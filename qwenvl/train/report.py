@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenvl.train.optim import classify
+
 __all__ = ["TrainableReport", "trainable_report", "log_trainable_report", "compress_ranges", "upstream_trainable_lines"]
 
 _logger = logging.getLogger(__name__)
@@ -48,16 +50,19 @@ _PEFT_ORIGINAL = ".original_module."
 
 
 def _locate(name: str) -> tuple[str, int | None]:
-    """(component, index) of a parameter name; index for blocks, deepstack mergers and decoder layers."""
-    if m := _DEEPSTACK.search(name):
-        return "deepstack_mergers", int(m.group(1))
-    if "audio_tower" in name:
-        return "other", None  # the Qwen3-Omni thinker's audio encoder: neither vision nor the decoder
-    if "merger" in name or "visual.downsample." in name:  # GLM-4V's 2x2 patch merge into the text width
-        return "merger", None
-    if m := _VISION_BLOCK.search(name):
-        return "vision_blocks", int(m.group(1))
-    if "visual" in name:
+    """(component, index) of a parameter name; index for blocks, deepstack mergers and decoder layers.
+
+    The optimizer's component (``qwenvl.train.optim.classify``, the one rule) refined into the report's rows."""
+    component = classify(name)
+    if component == "projector":
+        if m := _DEEPSTACK.search(name):
+            return "deepstack_mergers", int(m.group(1))
+        return "merger", None  # the merger (GLM-4V: and its 2x2 downsample into the text width)
+    if component == "vision":
+        if "visual" not in name:
+            return "other", None  # the Qwen3-Omni thinker's audio encoder: no vision row fits it
+        if m := _VISION_BLOCK.search(name):
+            return "vision_blocks", int(m.group(1))
         return "vision_embeddings", None
     if "embed_tokens" in name:
         return "embeddings", None

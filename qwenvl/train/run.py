@@ -154,6 +154,19 @@ def _freeze(model, model_args: ModelArguments) -> None:
         param.requires_grad_(wanted[classify(name)])
 
 
+def _component_roots(model, component: str) -> list[str]:
+    """The last name part of each topmost module whose parameters ``classify`` puts in ``component`` (the vision
+    tower and Qwen3-Omni's audio tower for "vision"; mergers, deepstack mergers and GLM-4V's downsample for
+    "projector"): what PEFT's ``modules_to_save`` matches by suffix."""
+    from qwenvl.train.optim import classify
+
+    def of(name: str) -> str:
+        return classify(f"{name}.weight") if name else "base"
+
+    roots = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and of(n) == component and of(n.rpartition(".")[0]) != component}
+    return sorted(roots)
+
+
 def _lora(model, model_args: ModelArguments):
     from peft import LoraConfig, get_peft_model
 
@@ -172,13 +185,11 @@ def _lora(model, model_args: ModelArguments):
     if not targets:
         raise ValueError("LoRA found no linear layer of the language model to adapt")
     # PEFT saves only the adapters and `modules_to_save`: a vision component trained in full must be listed
-    # there, or the checkpoint silently drops it (the encoders: the vision tower, Qwen3-Omni's audio tower too).
-    names = [n for n, _ in model.named_modules()]
-    full = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(("visual", "audio_tower"))}) if model_args.tune_mm_vision else []
+    # there, or the checkpoint silently drops it (the encoders: the vision tower, Qwen3-Omni's audio tower too;
+    # else the projectors). Which modules those are is `classify`'s rule, read at each module's top.
+    full = _component_roots(model, "vision") if model_args.tune_mm_vision else []
     if model_args.tune_mm_mlp and not full:
-        # the projectors: mergers, deepstack mergers (Qwen3-VL, Qwen3-Omni's merger_list), GLM-4V's downsample
-        projectors = ("merger", "deepstack_merger_list", "merger_list", "visual.downsample")
-        full = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(projectors)})
+        full = _component_roots(model, "projector")
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
