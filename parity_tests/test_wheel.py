@@ -30,8 +30,10 @@ def _run(*cmd, cwd, env=None) -> str:
 
 
 def _tracked_files() -> list[Path]:
-    """The committed (or staged) files of the checkout: what a clean clone builds from."""
-    out = _run("git", "ls-files", "-z", cwd=ROOT)
+    """The checkout's files that git does not ignore, tracked or not: what a clean clone builds from once they are
+    committed (CI's clean clone has only committed ones; a copy of the tree whose git index is older than its
+    files, as on the GPU machines, still builds all of them)."""
+    out = _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
     return [Path(name) for name in out.split("\0") if name]
 
 
@@ -42,6 +44,8 @@ def wheel_env(tmp_path_factory):
     # xdist workers never build in the same folder.
     source = tmp / "source"
     for name in _tracked_files():
+        if os.path.lexists(source / name):  # a link's folder already made for a path through it
+            continue
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name, follow_symlinks=False)  # reference/, fixtures/: links
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", source, cwd=tmp)
