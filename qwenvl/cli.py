@@ -140,37 +140,39 @@ def _plan(parser: argparse.ArgumentParser, args) -> Plan:
         for dtype in dtypes[device]
         for convention in conventions
     ]
-    # A family whose model cannot run in float64 on this release (FamilySpec.release_bugs) has no oracle on the
-    # CPU: its cases there are left out, naming the transformers bug (the golden check still judges its patch).
+    # A family whose model cannot run in float64 on this release (release_run, from FamilySpec.release_bugs) has no
+    # oracle on the CPU: its cases there are left out, naming the transformers bug (the golden check still judges
+    # its patch).
     from qwenvl.tolerances import reference_dtype
+    from qwenvl.verify.batches import release_run
 
     no_oracle = {}
     for family, _, device, dtype, _ in cases:
-        if reference_dtype(device, getattr(torch, dtype)) == torch.float64:
-            why = FAMILIES[family].release_bug("float64", version)
-            if why:
-                no_oracle.setdefault((family, device, dtype), why)
+        float64 = reference_dtype(device, getattr(torch, dtype)) == torch.float64
+        why = release_run(family, float64=float64, version=version).left_out.get("float64")
+        if why:
+            no_oracle.setdefault((family, device, dtype), why)
     cases = [case for case in cases if (case[0], case[2], case[3]) not in no_oracle]
     skipped += [
         {"family": family, "device": device, "limit": f"no float64 oracle for {dtype} on {device}", "reason": why}
         for (family, device, dtype), why in no_oracle.items()
     ]
     # A release that cannot run a family's videos at all (Qwen3-Omni on 5.0.0) runs its cases without the video.
+    from qwenvl.verify.parity import DEFAULT_SPECS
+
     for family in families:
-        why = FAMILIES[family].release_bug("videos", version)
+        why = release_run(family, DEFAULT_SPECS, version=version).left_out.get("videos")
         if why and any(case[0] == family for case in cases):
             skipped.append({"family": family, "limit": "videos left out", "reason": why})
     return Plan(cases=cases, skipped=skipped, families=asked)
 
 
 def _specs_for(family: str, version: str):
-    """``DEFAULT_SPECS``, less the video where the release cannot run the family's videos (named in the plan)."""
-    from qwenvl.families import FAMILIES
+    """``DEFAULT_SPECS``, less what the release cannot run of them (``release_run``; named in the plan)."""
+    from qwenvl.verify.batches import release_run
     from qwenvl.verify.parity import DEFAULT_SPECS
 
-    if FAMILIES[family].release_bug("videos", version):
-        return tuple(spec for spec in DEFAULT_SPECS if spec.video is None)
-    return DEFAULT_SPECS
+    return release_run(family, DEFAULT_SPECS, version=version).specs
 
 
 def _all_backends() -> list[str]:
@@ -272,7 +274,7 @@ def verify(parser: argparse.ArgumentParser, args) -> int:
             if args.linear_backend != "auto":
                 options["linear_backend"] = args.linear_backend
             specs = _specs_for(family, transformers.__version__)
-            limited = {} if specs is DEFAULT_SPECS else {"specs": specs}  # named in the plan's skipped entries
+            limited = {} if specs == DEFAULT_SPECS else {"specs": specs}  # named in the plan's skipped entries
             row = run_case(
                 family, backend=backend, device=device, dtype=dtype, convention=convention, **options, **limited
             ).as_dict()

@@ -15,6 +15,8 @@ Such a family (``tokens.shared_placeholder``) cannot take images and videos in o
 ``make_sample`` refuses a sample with both, ``pack`` a row mixing them (``split_by_media`` orders samples into
 rows that each hold one kind). What some releases cannot run at all, unpatched (``FamilySpec.release_bugs``, the
 transformers bug named), is refused the same way (``UpstreamLimit``) instead of crashing deep inside the model.
+Which parts of a run a release leaves out (its videos, its float64 oracle) is decided in one place, ``release_run``,
+for ``qwenvl verify``'s plan, ``run_case`` and the golden check alike.
 
 A packed batch concatenates samples along the token axis: ``input_ids (1, T)``, ``cu_seqlens`` int32,
 positions ``(3, 1, T)`` (upstream convention) or ``(4, 1, T)`` with the text row restarting at 0 (the
@@ -23,7 +25,7 @@ transformers convention), and the samples' pixel tensors and grids concatenated 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -43,6 +45,8 @@ __all__ = [
     "runnable_specs",
     "UpstreamLimit",
     "upstream_limit",
+    "ReleaseRun",
+    "release_run",
 ]
 
 _TEXT_LOW, _TEXT_HIGH = 3, 500  # clear of pad (0), bos/eos (1, 2) and the vision ids (500-511)
@@ -73,6 +77,47 @@ def runnable_specs(family: str, specs: Sequence["SampleSpec"]) -> list["SampleSp
     if mixes_media(family):
         return list(specs)
     return [SampleSpec(s.text, None, s.video) if s.image is not None and s.video is not None else s for s in specs]
+
+
+@dataclass(frozen=True)
+class ReleaseRun:
+    """What a run of one family does on one release (``release_run``): the sample specs it keeps, and each part it
+    leaves out ("float64": the float64 oracle; "videos": every video) with the transformers bug that forbids it."""
+
+    specs: tuple["SampleSpec", ...] = ()
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+def release_run(
+    family: str,
+    specs: Sequence["SampleSpec"] = (),
+    *,
+    videos: bool | None = None,
+    float64: bool = False,
+    version: str | None = None,
+) -> ReleaseRun:
+    """The one place that decides what of a run ``family`` can do on the installed (or given) release, from
+    ``FamilySpec.release_bug``:
+
+    - ``float64`` (the run wants a float64 oracle) is left out where the model cannot run in float64 (GLM-4V-MoE
+      on 4.57);
+    - ``videos`` (the run holds a video; default: whether one of ``specs`` has one) are left out where the release
+      cannot run the family's videos at all (Qwen3-Omni on 5.0.0), and the specs with a video with them.
+
+    Each caller says what a part left out means for it: ``qwenvl verify`` runs the family's cases without the
+    video and leaves out the cases with no oracle, naming both; ``run_case`` refuses the run (``UpstreamLimit``);
+    the golden check skips a batch it cannot run, and without a float64 run judges the patch against the golden
+    alone.
+    """
+    left_out = {}
+    if float64 and (why := upstream_limit(family, "float64", version)):
+        left_out["float64"] = why
+    if videos is None:
+        videos = any(spec.video is not None for spec in specs)
+    if videos and (why := upstream_limit(family, "videos", version)):
+        left_out["videos"] = why
+        specs = [spec for spec in specs if spec.video is None]
+    return ReleaseRun(tuple(specs), left_out)
 
 
 @dataclass(frozen=True)

@@ -637,16 +637,16 @@ def _check_family(family: str, *, tensors, root) -> FamilyDrift:
             tensors = load_golden(family, root)
         except (ValueError, FileNotFoundError) as exc:
             return FamilyDrift(family, ERROR, str(exc))
-    from qwenvl.verify.batches import mixes_media, upstream_limit
+    from qwenvl.verify.batches import mixes_media, release_run
 
     batch = golden_batch(tensors)
     row_starts = tensors["batch.rows"].tolist() if "batch.rows" in tensors else [0, batch.input_ids.shape[1]]
-    # What this release cannot run at all, unpatched (FamilySpec.release_bugs names the transformers bug): say so. A row
-    # mixing images and videos where one forward cannot is split (below), as the data pipeline would.
-    limit = upstream_limit(family, "videos") if batch.video_grid_thw is not None else None
-    if limit:
-        return FamilyDrift(family, SKIPPED, f"the golden batch cannot run here: {limit}")
-    no_float64 = upstream_limit(family, "float64")
+    # What this release cannot run at all, unpatched (release_run: FamilySpec.release_bugs names the transformers
+    # bug): say so. A row mixing images and videos where one forward cannot is split (below), as the data pipeline would.
+    limits = release_run(family, videos=batch.video_grid_thw is not None, float64=True).left_out
+    if "videos" in limits:
+        return FamilyDrift(family, SKIPPED, f"the golden batch cannot run here: {limits['videos']}")
+    no_float64 = limits.get("float64")
     ref_grads = {k.removeprefix("grad.ref."): v for k, v in tensors.items() if k.startswith("grad.ref.")}
     pt_grads = {k.removeprefix("grad.pt."): v for k, v in tensors.items() if k.startswith("grad.pt.")}
     names = list(ref_grads)
