@@ -228,3 +228,58 @@ def test_video_samples_keep_their_seconds_per_patch_through_dataset_and_collator
     with torch.no_grad(), qwenvl.patch(model):
         packed = model(**batch).logits[0]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("limit", [48, 96, 1024])
+def test_header_lengths_equal_processed_lengths(family, demo, limit):
+    """Lengths from the templated text and the images' header sizes (qwenvl.data.lengths) are what processing each
+    row gives: the same lengths, the same rows cut, the same rows refused with the same reason, at limits that
+    cut text, refuse cuts inside images, and keep every row."""
+    rows = _rows(demo, videos=False)
+    data = _write(demo, rows)
+    header = _dataset(family, data, model_max_length=limit, skip_bad_samples=True)
+    processed = _dataset(family, data, model_max_length=limit, skip_bad_samples=True, header_lengths=False)
+    if header._rule is None:
+        pytest.skip("this release's processor has no length rule that matches it: every row is processed")
+    assert header.lengths == processed.lengths
+    assert header.truncated == processed.truncated
+    assert header.skipped == processed.skipped
+    for index in range(len(header)):
+        assert header[index]["input_ids"].numel() == header.lengths[index]
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=8, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 2000), st.integers(1, 2000)), min_size=0, max_size=3),
+       words=st.integers(0, 40))
+def test_length_rule_equals_the_processor(family, sizes, words):
+    """The property behind header lengths: for any image sizes (tiny: min_pixels; huge: max_pixels; several in
+    a row), the rule's length is the processor's own, on the real processor."""
+    from PIL import Image
+
+    from qwenvl.data.lengths import _template_ids, probe_length_rule
+
+    processor, model = _load(family)
+    rule, why = probe_length_rule(processor, model)
+    if rule is None:
+        pytest.skip(why)
+    content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": " ".join(["word"] * words) or "x"}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    images = [Image.new("RGB", (w, h)) for h, w in sizes] or None
+    try:
+        expected = processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1]
+    except ValueError:  # a size the processor refuses (aspect ratio over 200): the rule refuses it too
+        with pytest.raises(ValueError):
+            rule.image_tokens(sizes)
+        return
+    _, length, _ = rule.expand(_template_ids(processor, messages), rule.image_tokens(sizes))
+    assert length == expected

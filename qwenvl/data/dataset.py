@@ -21,15 +21,22 @@ end-of-turn token that closes each), found between the template's own role marke
 The markers are read off the template (the text its generation prompt adds, the token that ends a turn),
 never assumed, and a row whose text contains a special token is refused: it could forge a marker.
 
-Every row is checked when the dataset is built (in parallel threads): media files present and decodable,
-tag counts matching the media, a well-formed conversation with an assistant turn, the length within
+Every row is checked when the dataset is built (in parallel threads): media files present and their headers
+readable, tag counts matching the media, a well-formed conversation with an assistant turn, the length within
 ``model_max_length``. A bad row raises ``BadSampleError`` naming the file and the row, or with
 ``skip_bad_samples=True`` is left out and counted in ``summary()``.
+
+An image row's length comes from its templated text and its images' header sizes (``qwenvl.data.lengths``),
+without decoding a pixel; images are decoded and processed when the row is read (``__getitem__``, in the
+DataLoader's workers), where a file that fails to decode stops the run naming the file and the row. Rows with
+videos, and every row where the processor's length rule does not match the processor, are processed in full
+up front.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import json
 import math
 import os
@@ -43,11 +50,13 @@ from typing import Any, Sequence
 
 import torch
 
+from qwenvl.data.lengths import _template_ids, probe_length_rule
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
 from qwenvl.positions import rope_index
 
 __all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX", "sample_item"]
+logger = logging.getLogger(__name__)
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _TAG = re.compile(r"(<image>|<video>)")
 
@@ -265,6 +274,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         skip_bad_samples: bool = False,
         num_workers: int = 4,
         seed: int = 0,
+        header_lengths: bool = True,
     ) -> None:
         if model_max_length <= 0:
             raise ValueError(f"model_max_length must be positive, got {model_max_length}")
@@ -274,6 +284,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.truncate = truncate
         self._start_ids, self._start_space, self._end_id = _role_markers(processor)
         self._special = _special_strings(processor)
+        self._rule = None
+        if header_lengths:
+            self._rule, why = probe_length_rule(processor, model)
+            if self._rule is None:
+                logger.info("image rows are processed in full to learn their lengths: %s", why)
         self.skipped: list[tuple[RowRef, str]] = []
         self.truncated: list[RowRef] = []
         rows = read_rows(data_path, seed=seed)
@@ -314,6 +329,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 spec = family_of_model(self.model)
                 if not spec.mixes_media():
                     raise BadSampleError(ref, f"images and videos in one row: {spec.name} cannot take both in one forward")
+            if self._rule is not None and not row.videos:
+                return self._admit_by_header(row)
             item, truncated = self._process(row)
             return row, int(item["input_ids"].numel()), truncated
         except BadSampleError as exc:
@@ -325,7 +342,42 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self._process(self.rows[index])[0]
+        item = self._process(self.rows[index])[0]
+        if item["input_ids"].numel() != self.lengths[index]:
+            # The packer placed this sample by its admitted length: a disagreement is a bug, never trained on.
+            raise RuntimeError(
+                f"{self.rows[index].ref}: processed to {item['input_ids'].numel()} tokens, but its length from the "
+                f"text and image headers was {self.lengths[index]}: qwenvl's length rule disagrees with this "
+                "processor (report it; header_lengths=False processes every row up front instead)"
+            )
+        return item
+
+    def _admit_by_header(self, row: _Row) -> tuple[_Row, int, bool]:
+        """The row's length from its templated text and its images' header sizes (``qwenvl.data.lengths``),
+        with the same checks and the same cut as processing it would give; nothing is decoded."""
+        self._check_text(row)
+        ids = _template_ids(self.processor, row.messages)
+        sizes = [_image_size(row.ref, path) for path in row.images]
+        try:
+            positions, length, last_vision = self._rule.expand(ids, self._rule.image_tokens(sizes))
+        except ValueError:  # the template placed the images otherwise: let the processor say
+            item, truncated = self._process(row)
+            return row, int(item["input_ids"].numel()), truncated
+        labels = self._labels(row, torch.tensor(ids))
+        limit = self.model_max_length
+        if length <= limit:
+            return row, length, False
+        if not self.truncate:
+            raise BadSampleError(row.ref, f"{length} tokens, more than model_max_length {limit}")
+        if last_vision >= limit:
+            raise BadSampleError(
+                row.ref,
+                f"{length} tokens, more than model_max_length {limit}, and the cut would fall inside "
+                f"an image or video (vision tokens up to position {last_vision}); raise model_max_length",
+            )
+        if not any(positions[j] < limit for j in torch.nonzero(labels != IGNORE_INDEX).flatten().tolist()):
+            raise BadSampleError(row.ref, f"no assistant token left within model_max_length {limit}")
+        return row, limit, True
 
     def summary(self) -> str:
         text = f"{len(self.rows)} samples, {sum(self.lengths)} tokens"
@@ -338,11 +390,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     # -- one row -------------------------------------------------------------------------------------------
 
-    def _process(self, row: _Row) -> tuple[dict[str, torch.Tensor], bool]:
+    def _check_text(self, row: _Row) -> None:
         for message in row.messages:
             for part in message["content"]:
                 if part["type"] == "text" and (hit := next((s for s in self._special if s in part["text"]), None)):
                     raise BadSampleError(row.ref, f"the text contains the special token {hit!r}")
+
+    def _process(self, row: _Row) -> tuple[dict[str, torch.Tensor], bool]:
+        self._check_text(row)
         text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
         images = [_open_image(row.ref, p) for p in row.images] or None
         videos, extra = None, {}
@@ -443,6 +498,18 @@ def _special_strings(processor) -> tuple[str, ...]:
     names = {t.content for t in added.values() if getattr(t, "special", False)}
     names |= set(getattr(tokenizer, "all_special_tokens", []))
     return tuple(sorted(n for n in names if n))
+
+
+def _image_size(ref: RowRef, path: Path) -> tuple[int, int]:
+    """``(height, width)`` from the image file's header (PIL reads no pixels until asked)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadSampleError(ref, f"image file {path} cannot be read: {exc}") from None
+    return height, width
 
 
 def _open_image(ref: RowRef, path: Path):
