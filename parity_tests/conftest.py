@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def _share_the_cores() -> None:
 
 
 _share_the_cores()
+# The data length cache of the tests' datasets goes to a scratch folder, never the user's ~/.cache.
+os.environ.setdefault("QWENVL_CACHE_DIR", tempfile.mkdtemp(prefix="qwenvl-test-cache-"))
 # JAX takes 75% of the GPU's memory when it first starts on one: with six workers sharing an H200, the worker that
 # ran a JAX test left the others 3 MiB (every torch test after it ran out of memory). Allocate as needed instead;
 # set before any test imports jax, and inherited by the processes tests start.

@@ -283,3 +283,44 @@ def test_length_rule_equals_the_processor(family, sizes, words):
         return
     _, length, _ = rule.expand(_template_ids(processor, messages), rule.image_tokens(sizes))
     assert length == expected
+
+
+def test_a_second_start_reads_the_lengths_from_the_cache(demo, tmp_path, monkeypatch):
+    """The length pass's results are cached under a key of everything they depend on: the same run starts from
+    the cache with the same lengths, cuts and refusals; a changed data file or processor runs the pass again."""
+    import qwenvl.data.dataset as dataset_module
+
+    monkeypatch.setenv("QWENVL_CACHE_DIR", str(tmp_path / "cache"))
+    rows = _rows(demo, videos=False)
+    rows.append({"image": "images/nope.png", "conversations": rows[0]["conversations"]})
+    data = _write(demo, rows)
+    first = _dataset("qwen2_5_vl", data, model_max_length=96, skip_bad_samples=True)
+    assert first.length_cache_path is not None and first.length_cache_path.is_file()
+    admitted = []
+    monkeypatch.setattr(dataset_module.SupervisedDataset, "_admit_all", lambda *a: admitted.append(1) or [])
+    second = _dataset("qwen2_5_vl", data, model_max_length=96, skip_bad_samples=True)
+    assert not admitted and second.length_cache_path == first.length_cache_path
+    assert (second.lengths, second.truncated, second.skipped) == (first.lengths, first.truncated, first.skipped)
+    assert [r.messages for r in second.rows] == [r.messages for r in first.rows]
+    with pytest.raises(BadSampleError, match="nope.png does not exist"):
+        _dataset("qwen2_5_vl", data, model_max_length=96)  # a cached refusal still stops a strict run
+    monkeypatch.undo()
+    monkeypatch.setenv("QWENVL_CACHE_DIR", str(tmp_path / "cache"))
+    other_limit = _dataset("qwen2_5_vl", data, model_max_length=97, skip_bad_samples=True)
+    assert other_limit.length_cache_path != first.length_cache_path
+    _write(data, rows[:-1])  # the data file changed
+    changed = _dataset("qwen2_5_vl", data, model_max_length=96, skip_bad_samples=True)
+    assert changed.length_cache_path != first.length_cache_path and not changed.skipped
+
+
+def test_an_image_changed_behind_the_cache_is_refused_by_name(demo, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("QWENVL_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [r for r in _rows(demo, videos=False) if "image" in r][:1]
+    data = _write(demo, rows)
+    _dataset("qwen2_5_vl", data)
+    Image.new("RGB", (300, 200)).save(data.parent / rows[0]["image"])  # same name, another size
+    again = _dataset("qwen2_5_vl", data)
+    with pytest.raises(RuntimeError, match=r"changed since the length cache .* was written \(delete it\)"):
+        again[0]

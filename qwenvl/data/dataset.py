@@ -48,8 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from qwenvl.data.length_cache import BAD, CUT, OK, length_cache_key, load_lengths, save_lengths
 from qwenvl.data.lengths import _template_ids, probe_length_rule
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
@@ -119,16 +121,19 @@ def _load_file(path: Path) -> list[Any]:
     return rows
 
 
+def _specs(data_path: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The ``file%N`` entries of a data path: comma-separated, one path, or a list."""
+    if isinstance(data_path, str):
+        return data_path.split(",")
+    if isinstance(data_path, os.PathLike):  # one file (a Path is never split at commas)
+        return [os.fspath(data_path)]
+    return [str(spec) for spec in data_path]
+
+
 def read_rows(data_path: str | os.PathLike | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
     """The rows of every data file, each with its ``RowRef``; ``%N`` sampling applied (seeded)."""
-    if isinstance(data_path, str):
-        specs = data_path.split(",")
-    elif isinstance(data_path, os.PathLike):  # one file (a Path is never split at commas)
-        specs = [os.fspath(data_path)]
-    else:
-        specs = list(data_path)
     out: list[tuple[RowRef, Any]] = []
-    for spec in specs:
+    for spec in _specs(data_path):
         path, ratio = _parse_spec(str(spec))
         rows = [(RowRef(path, i), row) for i, row in enumerate(_load_file(path))]
         if ratio != 1.0:
@@ -275,6 +280,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         num_workers: int = 4,
         seed: int = 0,
         header_lengths: bool = True,
+        length_cache: bool = True,
     ) -> None:
         if model_max_length <= 0:
             raise ValueError(f"model_max_length must be positive, got {model_max_length}")
@@ -292,8 +298,17 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.skipped: list[tuple[RowRef, str]] = []
         self.truncated: list[RowRef] = []
         rows = read_rows(data_path, seed=seed)
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            results = list(pool.map(lambda item: self._admit(*item), rows))
+        self.length_cache_path = None
+        key = self._cache_key(data_path, seed) if length_cache else None
+        cached = load_lengths(key, len(rows)) if key else None
+        if cached is not None:
+            results = _from_cache(rows, *cached[:3])
+            self.length_cache_path = cached[3]
+            logger.info("lengths of %d rows from the cache %s", len(rows), self.length_cache_path)
+        else:
+            results = self._admit_all(rows, num_workers)
+            if key:
+                self.length_cache_path = save_lengths(key, *_to_cache(results))
         self.rows: list[_Row] = []
         self.lengths: list[int] = []
         for (ref, _), result in zip(rows, results):
@@ -310,6 +325,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise DataFileError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
 
+    def _cache_key(self, data_path, seed: int) -> str | None:
+        try:
+            return length_cache_key(
+                _specs(data_path), self.processor, self.model, seed=seed, model_max_length=self.model_max_length,
+                truncate=self.truncate, header=self._rule is not None,
+            )
+        except Exception as exc:  # a processor or tokenizer we cannot fingerprint: no cache, said once
+            logger.info("no length cache: %s: %s", type(exc).__name__, exc)
+            return None
+
     @property
     def media_groups(self) -> list[int] | None:
         """For the packer: per sample 1 if it holds a video, else 0, where the model's family cannot take images
@@ -320,23 +345,51 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return None
         return [int(bool(row.videos)) for row in self.rows]
 
-    def _admit(self, ref: RowRef, raw: Any):
-        try:
-            row = _check_row(ref, raw)
-            if row.images and row.videos:
-                from qwenvl.families import family_of_model
-
-                spec = family_of_model(self.model)
-                if not spec.mixes_media():
-                    raise BadSampleError(ref, f"images and videos in one row: {spec.name} cannot take both in one forward")
+    def _admit_all(self, rows: list[tuple[RowRef, Any]], num_workers: int) -> list:
+        """Each row's ``(row, length, truncated)`` or its ``BadSampleError``, in order: rows the length rule
+        covers in chunks (one batched template render and tokenizer call each), the others processed in threads."""
+        results: list = [None] * len(rows)
+        by_header: list[tuple[int, _Row]] = []
+        processed: list[tuple[int, _Row]] = []
+        for i, (ref, raw) in enumerate(rows):
+            try:
+                row = _check_row(ref, raw)
+            except BadSampleError as exc:
+                results[i] = exc
+                continue
             if self._rule is not None and not row.videos:
-                return self._admit_by_header(row)
-            item, truncated = self._process(row)
-            return row, int(item["input_ids"].numel()), truncated
-        except BadSampleError as exc:
-            return exc
-        except Exception as exc:  # anything else a row can trip (the template, the positions): still named
-            return BadSampleError(ref, f"{type(exc).__name__}: {exc}")
+                by_header.append((i, row))
+            else:
+                processed.append((i, row))
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            # anything else a row can trip (the template, the processor, the positions) is still named
+            for (i, _), result in zip(processed, pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)):
+                results[i] = result
+            for start in range(0, len(by_header), _HEADER_CHUNK):
+                chunk = by_header[start : start + _HEADER_CHUNK]
+                for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk], pool)):
+                    results[i] = result
+        return results
+
+    def _admit_by_header_chunk(self, rows: list[_Row], pool) -> list:
+        try:
+            texts = self.processor.apply_chat_template([r.messages for r in rows], tokenize=False, add_generation_prompt=False)
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        except Exception:  # one row's template failed the chunk: each row on its own says which
+            ids = [None] * len(rows)
+        return list(pool.map(lambda pair: _named(pair[0], self._admit_by_header, *pair), zip(rows, ids)))
+
+    def _admit(self, row: _Row) -> tuple[_Row, int, bool]:
+        """A row the length rule does not cover (videos, or no rule here): processed in full to learn its length."""
+        if row.images and row.videos:
+            from qwenvl.families import family_of_model
+
+            spec = family_of_model(self.model)
+            if not spec.mixes_media():
+                raise BadSampleError(row.ref, f"images and videos in one row: {spec.name} cannot take both in one forward")
+        item, truncated = self._process(row)
+        return row, int(item["input_ids"].numel()), truncated
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -347,16 +400,23 @@ class SupervisedDataset(torch.utils.data.Dataset):
             # The packer placed this sample by its admitted length: a disagreement is a bug, never trained on.
             raise RuntimeError(
                 f"{self.rows[index].ref}: processed to {item['input_ids'].numel()} tokens, but its length from the "
-                f"text and image headers was {self.lengths[index]}: qwenvl's length rule disagrees with this "
-                "processor (report it; header_lengths=False processes every row up front instead)"
+                f"text and image headers was {self.lengths[index]}: "
+                + (
+                    f"its media changed since the length cache {self.length_cache_path} was written (delete it)"
+                    if self.length_cache_path is not None
+                    else "qwenvl's length rule disagrees with this processor (report it; header_lengths=False "
+                    "processes every row up front instead)"
+                )
             )
         return item
 
-    def _admit_by_header(self, row: _Row) -> tuple[_Row, int, bool]:
-        """The row's length from its templated text and its images' header sizes (``qwenvl.data.lengths``),
-        with the same checks and the same cut as processing it would give; nothing is decoded."""
+    def _admit_by_header(self, row: _Row, ids: list[int] | None = None) -> tuple[_Row, int, bool]:
+        """The row's length from its templated text (``ids``: its tokens, if already computed) and its images'
+        header sizes (``qwenvl.data.lengths``), with the same checks and the same cut as processing it would
+        give; nothing is decoded."""
         self._check_text(row)
-        ids = _template_ids(self.processor, row.messages)
+        if ids is None:
+            ids = _template_ids(self.processor, row.messages)
         sizes = [_image_size(row.ref, path) for path in row.images]
         try:
             positions, length, last_vision = self._rule.expand(ids, self._rule.image_tokens(sizes))
@@ -498,6 +558,47 @@ def _special_strings(processor) -> tuple[str, ...]:
     names = {t.content for t in added.values() if getattr(t, "special", False)}
     names |= set(getattr(tokenizer, "all_special_tokens", []))
     return tuple(sorted(n for n in names if n))
+
+
+def _to_cache(results: list) -> tuple:
+    status = np.zeros(len(results), dtype=np.int8)
+    lengths = np.zeros(len(results), dtype=np.int32)
+    problems = {}
+    for i, result in enumerate(results):
+        if isinstance(result, BadSampleError):
+            status[i], problems[i] = BAD, result.problem
+        else:
+            _, lengths[i], truncated = result
+            status[i] = CUT if truncated else OK
+    return status, lengths, problems
+
+
+def _from_cache(rows: list[tuple[RowRef, Any]], status, lengths, problems: dict[int, str]) -> list:
+    """The length pass's results from the cache: each admitted row parsed again (cheap), nothing tokenized."""
+    results: list = []
+    for i, (ref, raw) in enumerate(rows):
+        if status[i] == BAD:
+            results.append(BadSampleError(ref, problems[i]))
+            continue
+        try:
+            results.append((_check_row(ref, raw), int(lengths[i]), bool(status[i] == CUT)))
+        except BadSampleError as exc:  # a media file gone since the cache was written
+            results.append(exc)
+    return results
+
+
+# Rows per batched template render and tokenizer call in the length pass.
+_HEADER_CHUNK = 512
+
+
+def _named(row: _Row, admit, *args):
+    """``admit(*args)``, with anything a row can trip turned into its ``BadSampleError`` (returned, not raised)."""
+    try:
+        return admit(*args)
+    except BadSampleError as exc:
+        return exc
+    except Exception as exc:
+        return BadSampleError(row.ref, f"{type(exc).__name__}: {exc}")
 
 
 def _image_size(ref: RowRef, path: Path) -> tuple[int, int]:
