@@ -1,6 +1,6 @@
-"""What ``qwenvl verify`` tells a person: the backend/device coverage, the golden drift table, the last line, and
-the whole report as Markdown. Everything here reads the JSON report (a plain dict), so a report written on one
-machine renders the same anywhere.
+"""What ``qwenvl verify`` tells a person: the cases table, the line naming what was skipped, the backend/device
+coverage, the golden drift table, the last line, and the whole report as Markdown. Everything here reads the JSON
+report (a plain dict, or its rows), so a report written on one machine renders the same anywhere.
 
 The last line names the release, how many families are exact (every parity case passed and the golden check
 found nothing), how many drifted, and what to do::
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["coverage", "golden_table", "last_line", "to_markdown", "finite"]
+__all__ = ["coverage", "cases_table", "case_detail", "skipped_line", "golden_table", "last_line", "to_markdown", "finite"]
 
 _DRIFT = ("transformers changed", "transformers changed; our patch differs")
 _OURS = ("our patch differs", "transformers changed; our patch differs", "error")
@@ -67,6 +67,49 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
+def _text_table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    """Plain-text columns, left-aligned to the widest cell, the header underlined with dashes."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+_CASES_HEADER = ("family", "backend", "device", "dtype", "convention", "logits err", "bound", "grad err", "bound", "pass")
+
+
+def cases_table(cases: list[dict]) -> str:
+    """The parity cases as a plain-text table: the worst logits and gradient errors with their bounds, PASS/FAIL."""
+    rows = [
+        (
+            c["family"], c["backend"], c["device"], c["dtype"], c["convention"], _fmt(c["logits_err"]),
+            _fmt(c["logits_bound"]), _fmt(c["grad_err"]), _fmt(c["grad_bound"]), "PASS" if c["passed"] else "FAIL",
+        )
+        for c in cases
+    ]
+    return _text_table(_CASES_HEADER, rows)
+
+
+def case_detail(case: dict) -> str:
+    """A case's numbers in a few words (its error, where it crashed)."""
+    return case.get("error") or f"logits {_fmt(case['logits_err'])}, grads {_fmt(case['grad_err'])}"
+
+
+def skipped_line(skipped: list[dict]) -> str:
+    """One line naming everything a run left out, each with why: devices, backends, families, a release's limits."""
+    parts = []
+    for entry in skipped:
+        if "limit" in entry:
+            parts.append(f"{entry['family']}: {entry['limit']} ({entry['reason']})")
+        elif "family" in entry:
+            parts.append(f"family {entry['family']} ({entry['reason']})")
+        elif "backend" in entry:
+            parts.append(f"{entry['backend']} on {entry['device']} ({entry['reason']})")
+        else:
+            parts.append(f"device {entry['device']} ({entry['reason']})")
+    return "skipped: " + ", ".join(parts)
+
+
 def _pair(comparison: dict | None) -> str:
     if not comparison:
         return "-"
@@ -110,12 +153,8 @@ def golden_table(golden: dict) -> str:
     """The golden drift section as a plain-text table (``x bound``: the worst error over its bound, logits and
     gradients; <= 1 is in bound)."""
     rows = [tuple(r[:-1]) for r in _golden_rows(golden)]
-    header = _GOLDEN_HEADER[:-1]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {r[0]}: {r[-1]}" for r in _golden_rows(golden) if r[-1]]
-    return "\n".join(lines + notes)
+    return "\n".join([_text_table(_GOLDEN_HEADER[:-1], rows), *notes])
 
 
 def _family_verdicts(report: dict) -> tuple[list[str], list[str], list[str], list[str]]:
