@@ -124,16 +124,13 @@ def run_case(
     linear_backend: str = "auto",
     compile: bool = False,
 ) -> CaseResult:
+    """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule."""
     from qwenvl.fixtures import tiny_model
     from qwenvl.patches import active_patch
 
     if active_patch() is not None:
         raise RuntimeError("run_case needs the unpatched model as its oracle: revert the active qwenvl patch first")
-    # What this release cannot run at all (release_run: FamilySpec.release_bugs names the bug) is refused here;
-    # qwenvl verify's plan has already left it out of its cases.
-    left_out = release_run(family, specs, float64=reference_dtype(device, dtype) == torch.float64).left_out
-    if left_out:
-        raise UpstreamLimit(next(iter(left_out.values())))
+    _refuse_what_cannot_run(family, specs, device, dtype)
     base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
     gen = torch.Generator().manual_seed(seed)
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
@@ -142,19 +139,13 @@ def run_case(
     total = sum(batch.input_ids.shape[1] for batch in batches)
     weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
 
-    ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device, dtype))
-    if reference_dtype(device, dtype) == torch.float64 and hasattr(ref_model, "set_experts_implementation"):
-        # transformers 5.x runs MoE experts through grouped_mm, which has no float64 kernel.
-        ref_model.set_experts_implementation("eager")
+    ref_model = _reference_model(base, device, dtype)
     model = base.to(device=device, dtype=dtype)
 
     def run_alone(m):
         return _alone(m, [_to_dtype(s, m) for s in samples], weights, device)
 
-    # MoE families: the yardstick and the packed run take the oracle's expert choice (qwenvl.verify.routing); with
-    # no MoE block the pin intercepts nothing.
-    moe_block = get_family(family).moe_block
-    pin = RoutingPin(() if moe_block is None else (moe_block,), getattr(base.config.text_config, "num_experts_per_tok", 0))
+    pin = _routing_pin(family, base.config)
     with pin.record(ref_model):
         ref_logits, ref_grads = run_alone(ref_model)
     with pin.replay(model):
@@ -165,23 +156,7 @@ def run_case(
         logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
     flips = pin.flips
 
-    tol = tolerance(device, dtype)
-    logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
-    passed = logits_verdict.passed
-    grad_err, grad_bound, worst = 0.0, 0.0, ""
-    if set(grads) != set(ref_grads):
-        passed = False
-        worst = f"gradient sets differ: {sorted(set(grads) ^ set(ref_grads))[:3]}"
-    for name, ref in ref_grads.items():
-        if name not in grads:
-            continue
-        verdict = judge(grads[name], ref, pt_grads[name], k=tol.k_grad)
-        passed = passed and verdict.passed
-        if verdict.err - verdict.bound >= grad_err - grad_bound or not worst:
-            grad_err, grad_bound, worst = verdict.err, verdict.bound, name
-    if tol.model_atol is not None:
-        largest = max((judge(grads[n], ref_grads[n], pt_grads[n], k=0).err for n in grads if n in ref_grads), default=0.0)
-        passed = passed and logits_verdict.err < tol.model_atol and largest < tol.model_atol
+    verdict = _judge(tolerance(device, dtype), (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads))
     return CaseResult(
         family=family,
         backend=backend,
@@ -190,15 +165,66 @@ def run_case(
         convention=convention,
         tokens=total,
         samples=len(samples),
-        logits_err=logits_verdict.err,
-        logits_bound=logits_verdict.bound,
-        grad_err=grad_err,
-        grad_bound=grad_bound,
-        worst_grad=worst,
-        passed=passed,
+        **verdict,
         routing_flips=flips,
         yardstick_routing_flips=pt_flips,
     )
+
+
+def _refuse_what_cannot_run(family: str, specs: Sequence[SampleSpec], device, dtype: torch.dtype) -> None:
+    """``UpstreamLimit`` naming the transformers bug where this release cannot run the case at all (its videos, its
+    float64 oracle: ``release_run``); ``qwenvl verify``'s plan has already left such cases out."""
+    left_out = release_run(family, specs, float64=reference_dtype(device, dtype) == torch.float64).left_out
+    if left_out:
+        raise UpstreamLimit(next(iter(left_out.values())))
+
+
+def _routing_pin(family: str, config) -> RoutingPin:
+    """MoE families: the yardstick and the packed run take the oracle's expert choice (``qwenvl.verify.routing``);
+    with no MoE block the pin intercepts nothing."""
+    moe_block = get_family(family).moe_block
+    return RoutingPin(() if moe_block is None else (moe_block,), getattr(config.text_config, "num_experts_per_tok", 0))
+
+
+def _reference_model(base, device, dtype: torch.dtype):
+    """A copy of ``base`` in the oracle's dtype (``reference_dtype``: float64 on the CPU)."""
+    ref_model = copy.deepcopy(base).to(device=device, dtype=reference_dtype(device, dtype))
+    if reference_dtype(device, dtype) == torch.float64 and hasattr(ref_model, "set_experts_implementation"):
+        # transformers 5.x runs MoE experts through grouped_mm, which has no float64 kernel.
+        ref_model.set_experts_implementation("eager")
+    return ref_model
+
+
+def _judge(tol, out: tuple, ref: tuple, pt: tuple) -> dict:
+    """The rule (``qwenvl.tolerances.judge``) on the logits and every gradient of ``out`` against the oracle ``ref``,
+    yardstick ``pt`` (each ``(logits, gradients)``): the worst gradient is the one furthest over (or least under)
+    its bound, the later one on a tie; with ``tol.model_atol`` every absolute error must also stay under it. The
+    ``CaseResult`` fields of the verdict."""
+    (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads) = out, ref, pt
+    logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
+    passed = logits_verdict.passed
+    grad_err, grad_bound, worst = 0.0, 0.0, ""
+    if set(grads) != set(ref_grads):
+        passed = False
+        worst = f"gradient sets differ: {sorted(set(grads) ^ set(ref_grads))[:3]}"
+    for name, ref_grad in ref_grads.items():
+        if name not in grads:
+            continue
+        verdict = judge(grads[name], ref_grad, pt_grads[name], k=tol.k_grad)
+        passed = passed and verdict.passed
+        if verdict.err - verdict.bound >= grad_err - grad_bound or not worst:
+            grad_err, grad_bound, worst = verdict.err, verdict.bound, name
+    if tol.model_atol is not None:
+        largest = max((judge(grads[n], ref_grads[n], pt_grads[n], k=0).err for n in grads if n in ref_grads), default=0.0)
+        passed = passed and logits_verdict.err < tol.model_atol and largest < tol.model_atol
+    return {
+        "logits_err": logits_verdict.err,
+        "logits_bound": logits_verdict.bound,
+        "grad_err": grad_err,
+        "grad_bound": grad_bound,
+        "worst_grad": worst,
+        "passed": passed,
+    }
 
 
 def _to_dtype(sample: Sample, model) -> Sample:
