@@ -36,8 +36,8 @@ up front.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import json
+import logging
 import math
 import os
 import random
@@ -74,6 +74,9 @@ class BadSampleError(ValueError):
         self.ref = ref
         self.problem = problem
         super().__init__(f"{ref}: {problem}")
+
+    def __reduce__(self):  # crosses process boundaries (the forked length pass, DataLoader workers) intact
+        return (type(self), (self.ref, self.problem))
 
 
 @dataclass(frozen=True)
@@ -365,20 +368,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
             # anything else a row can trip (the template, the processor, the positions) is still named
             for (i, _), result in zip(processed, pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)):
                 results[i] = result
-            for start in range(0, len(by_header), _HEADER_CHUNK):
-                chunk = by_header[start : start + _HEADER_CHUNK]
-                for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk], pool)):
+            chunks = [by_header[s : s + _HEADER_CHUNK] for s in range(0, len(by_header), _HEADER_CHUNK)]
+            for chunk in chunks:
+                for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk], pool.map)):
                     results[i] = result
         return results
 
-    def _admit_by_header_chunk(self, rows: list[_Row], pool) -> list:
+    def _admit_by_header_chunk(self, rows: list[_Row], mapper=map) -> list:
         try:
             texts = self.processor.apply_chat_template([r.messages for r in rows], tokenize=False, add_generation_prompt=False)
             tokenizer = getattr(self.processor, "tokenizer", self.processor)
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         except Exception:  # one row's template failed the chunk: each row on its own says which
             ids = [None] * len(rows)
-        return list(pool.map(lambda pair: _named(pair[0], self._admit_by_header, *pair), zip(rows, ids)))
+        return list(mapper(lambda pair: _named(pair[0], self._admit_by_header, *pair), zip(rows, ids)))
 
     def _admit(self, row: _Row) -> tuple[_Row, int, bool]:
         """A row the length rule does not cover (videos, or no rule here): processed in full to learn its length."""
