@@ -43,6 +43,7 @@ class Plan:
 
 
 def supported_combos() -> dict[str, list[str]]:
+    """Each device's dtype names that have a tolerance entry (``qwenvl.tolerances.TOLERANCES``)."""
     from qwenvl.tolerances import TOLERANCES
 
     combos: dict[str, list[str]] = {}
@@ -211,6 +212,7 @@ def specs_for(family: str, version: str):
 
 
 def all_backends() -> list[str]:
+    """Every registered varlen attention backend, available here or not."""
     from qwenvl.attention import BACKENDS
 
     return list(BACKENDS)
