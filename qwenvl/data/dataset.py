@@ -294,16 +294,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self._start_ids, self._start_space, self._end_id = _role_markers(processor)
         self._special = _special_strings(processor)
         self._rule = None
-        if header_lengths:
-            self._rule, why = probe_length_rule(processor, model)
-            if self._rule is None:
-                logger.info("image rows are processed in full to learn their lengths: %s", why)
         self.skipped: list[tuple[RowRef, str]] = []
         self.truncated: list[RowRef] = []
         rows = read_rows(data_path, seed=seed)
         self.length_cache_path = None
-        key = self._cache_key(data_path, seed) if length_cache else None
+        key = self._cache_key(data_path, seed, header_lengths) if length_cache else None
         cached = load_lengths(key, len(rows)) if key else None
+        if cached is None and header_lengths:
+            self._rule, why = probe_length_rule(processor, model)
+            if self._rule is None:
+                logger.info("image rows are processed in full to learn their lengths: %s", why)
         if cached is not None:
             results = _from_cache(rows, *cached[:3])
             self.length_cache_path = cached[3]
@@ -312,7 +312,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             results = self._admit_all(rows, num_workers)
             if key:
                 self.length_cache_path = save_lengths(key, *_to_cache(results))
-        self.rows: list[_Row] = []
+        self.rows = _Rows()
         self.lengths: list[int] = []
         for (ref, _), result in zip(rows, results):
             if isinstance(result, BadSampleError):
@@ -328,11 +328,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise DataFileError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
 
-    def _cache_key(self, data_path, seed: int) -> str | None:
+    def _cache_key(self, data_path, seed: int, header_lengths: bool) -> str | None:
         try:
             return length_cache_key(
                 _specs(data_path), self.processor, self.model, seed=seed, model_max_length=self.model_max_length,
-                truncate=self.truncate, header=self._rule is not None,
+                truncate=self.truncate, header=header_lengths,
             )
         except Exception as exc:  # a processor or tokenizer we cannot fingerprint: no cache, said once
             logger.info("no length cache: %s: %s", type(exc).__name__, exc)
@@ -368,20 +368,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
             # anything else a row can trip (the template, the processor, the positions) is still named
             for (i, _), result in zip(processed, pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)):
                 results[i] = result
-            chunks = [by_header[s : s + _HEADER_CHUNK] for s in range(0, len(by_header), _HEADER_CHUNK)]
-            for chunk in chunks:
-                for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk], pool.map)):
-                    results[i] = result
+        # The header pass is Python-bound (a template render, a few list walks, a 100-byte header read a row):
+        # threads would only add their hand-offs to it.
+        for chunk in (by_header[s : s + _HEADER_CHUNK] for s in range(0, len(by_header), _HEADER_CHUNK)):
+            for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk])):
+                results[i] = result
         return results
 
-    def _admit_by_header_chunk(self, rows: list[_Row], mapper=map) -> list:
+    def _admit_by_header_chunk(self, rows: list[_Row]) -> list:
         try:
             texts = self.processor.apply_chat_template([r.messages for r in rows], tokenize=False, add_generation_prompt=False)
             tokenizer = getattr(self.processor, "tokenizer", self.processor)
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         except Exception:  # one row's template failed the chunk: each row on its own says which
             ids = [None] * len(rows)
-        return list(mapper(lambda pair: _named(pair[0], self._admit_by_header, *pair), zip(rows, ids)))
+        return [_named(row, self._admit_by_header, row, row_ids) for row, row_ids in zip(rows, ids)]
 
     def _admit(self, row: _Row) -> tuple[_Row, int, bool]:
         """A row the length rule does not cover (videos, or no rule here): processed in full to learn its length."""
@@ -426,7 +427,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except ValueError:  # the template placed the images otherwise: let the processor say
             item, truncated = self._process(row)
             return row, int(item["input_ids"].numel()), truncated
-        labels = self._labels(row, torch.tensor(ids))
+        replies = self._reply_spans(row, ids)
         limit = self.model_max_length
         if length <= limit:
             return row, length, False
@@ -438,7 +439,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 f"{length} tokens, more than model_max_length {limit}, and the cut would fall inside "
                 f"an image or video (vision tokens up to position {last_vision}); raise model_max_length",
             )
-        if not any(positions[j] < limit for j in torch.nonzero(labels != IGNORE_INDEX).flatten().tolist()):
+        if positions[replies[0][0]] >= limit:  # the first trained token is the earliest
             raise BadSampleError(row.ref, f"no assistant token left within model_max_length {limit}")
         return row, limit, True
 
@@ -484,10 +485,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def _labels(self, row: _Row, input_ids: torch.Tensor) -> torch.Tensor:
         """-100 but the assistant replies: from after each start marker through the turn's end token."""
-        ids = input_ids.tolist()
-        start, n = self._start_ids, len(self._start_ids)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        spans, i = 0, 0
+        for begin, end in self._reply_spans(row, input_ids.tolist()):
+            labels[begin : end + 1] = input_ids[begin : end + 1]
+        return labels
+
+    def _reply_spans(self, row: _Row, ids: list[int]) -> list[tuple[int, int]]:
+        """``(first, last)`` token index of each assistant reply (its end-of-turn token included)."""
+        start, n = self._start_ids, len(self._start_ids)
+        spans, i = [], 0
         while i + n <= len(ids):
             if ids[i : i + n] == start:
                 begin = i + n
@@ -499,14 +505,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     end = ids.index(self._end_id, begin)
                 except ValueError:
                     raise BadSampleError(row.ref, "an assistant reply has no end-of-turn token") from None
-                labels[begin : end + 1] = input_ids[begin : end + 1]
-                spans += 1
+                spans.append((begin, end))
                 i = end + 1
             else:
                 i += 1
-        if spans != row.n_replies:
-            raise BadSampleError(row.ref, f"found {spans} assistant replies in the templated text, expected {row.n_replies}")
-        return labels
+        if len(spans) != row.n_replies:
+            raise BadSampleError(row.ref, f"found {len(spans)} assistant replies in the templated text, expected {row.n_replies}")
+        return spans
 
     def _cut(self, row: _Row, out, input_ids: torch.Tensor, labels: torch.Tensor):
         limit = self.model_max_length
@@ -577,17 +582,37 @@ def _to_cache(results: list) -> tuple:
 
 
 def _from_cache(rows: list[tuple[RowRef, Any]], status, lengths, problems: dict[int, str]) -> list:
-    """The length pass's results from the cache: each admitted row parsed again (cheap), nothing tokenized."""
+    """The length pass's results from the cache: nothing tokenized, and the admitted rows left unparsed (_Rows)."""
     results: list = []
     for i, (ref, raw) in enumerate(rows):
         if status[i] == BAD:
             results.append(BadSampleError(ref, problems[i]))
-            continue
-        try:
-            results.append((_check_row(ref, raw), int(lengths[i]), bool(status[i] == CUT)))
-        except BadSampleError as exc:  # a media file gone since the cache was written
-            results.append(exc)
+        else:  # parsed when first read (_Rows): a media file gone since then is named there
+            results.append(((ref, raw), int(lengths[i]), bool(status[i] == CUT)))
     return results
+
+
+class _Rows:
+    """The admitted rows, in order: each a ``_Row``, or its ``(RowRef, raw row)`` until first read (rows from the
+    length cache are parsed only when a DataLoader worker reads them)."""
+
+    def __init__(self) -> None:
+        self._items: list = []
+
+    def append(self, item) -> None:
+        self._items.append(item)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> _Row:
+        item = self._items[index]
+        if isinstance(item, tuple):
+            item = self._items[index] = _check_row(*item)
+        return item
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 # Rows per batched template render and tokenizer call in the length pass.

@@ -7,7 +7,7 @@ length, and the problem of each bad row. The key hashes everything a length depe
 - each data file's resolved path, size and modification time, its ``%N`` ratio, and the sampling seed;
 - the processor (its saved configuration, chat template included), the tokenizer's vocabulary, the model's
   family and vision token ids, ``model_max_length``, ``truncate``, whether header lengths were used;
-- qwenvl's version and this file's format number.
+- qwenvl's and transformers' versions (the processor's code) and this file's format number.
 
 A changed data file or processor is a new key (the old file stays until the cache folder is cleared). An image
 replaced by one of another size behind an unchanged data file is not seen by the key: the dataset's
@@ -52,6 +52,8 @@ def _files_identity(specs: Sequence[str]) -> list:
 
 def length_cache_key(specs: Sequence[str], processor, model, *, seed: int, model_max_length: int, truncate: bool, header: bool) -> str:
     """The hex key of one length pass (module docstring)."""
+    import transformers
+
     import qwenvl
     from qwenvl.families import family_of_model
 
@@ -63,6 +65,7 @@ def length_cache_key(specs: Sequence[str], processor, model, *, seed: int, model
     parts = {
         "format": FORMAT,
         "qwenvl": qwenvl.__version__,
+        "transformers": transformers.__version__,
         "files": _files_identity(specs),
         "seed": seed,
         "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
