@@ -1,14 +1,5 @@
-"""``SupervisedDataset``: rows of the Qwen-VL fine-tuning format, through the model's real processor.
-
-A data file is JSON (a list of rows) or JSONL (a row per line)::
-
-    {"image": "images/cat.png",                      # optional: a path or a list, relative to the file
-     "video": "clips/run.mp4",                       # optional, likewise
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
-                       {"from": "gpt", "value": "A cat."}]}
-
-Several files: ``"a.json,b.jsonl%50"``; ``%N`` keeps N percent of that file's rows (a seeded sample; N > 100
-repeats rows). Each ``<image>`` / ``<video>`` tag takes the row's next image / video, in order.
+"""``SupervisedDataset``: rows of the Qwen-VL fine-tuning format (``qwenvl.data.rows``), through the model's real
+processor.
 
 The processor does everything model-specific: the chat template, image and video preprocessing,
 ``mm_token_type_ids`` where the release emits them. Labels are -100 except the assistant replies (and the
@@ -21,7 +12,7 @@ end-of-turn token that closes each), found between the template's own role marke
 The markers are read off the template (the text its generation prompt adds, the token that ends a turn),
 never assumed, and a row whose text contains a special token is refused: it could forge a marker.
 
-Every row is checked when the dataset is built (in parallel threads): media files present and their headers
+Every row is checked when the dataset is built: media files present and their headers
 readable, tag counts matching the media, a well-formed conversation with an assistant turn, the length within
 ``model_max_length``. A bad row raises ``BadSampleError`` naming the file and the row, or with
 ``skip_bad_samples=True`` is left out and counted in ``summary()``.
@@ -35,17 +26,9 @@ up front.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-import math
-import os
-import random
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,184 +36,14 @@ import torch
 
 from qwenvl.data.length_cache import BAD, CUT, OK, length_cache_key, load_lengths, save_lengths
 from qwenvl.data.lengths import _template_ids, probe_length_rule
+from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
+from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
 from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
 from qwenvl.positions import rope_index
 
 __all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX", "sample_item"]
 logger = logging.getLogger(__name__)
-_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-_TAG = re.compile(r"(<image>|<video>)")
-
-
-class DataFileError(ValueError):
-    """A data file (or the data path) that cannot be read as rows; the message names it."""
-
-
-class BadSampleError(ValueError):
-    """A row that cannot become a training sample; the message names the file and the row."""
-
-    def __init__(self, ref: "RowRef", problem: str):
-        self.ref = ref
-        self.problem = problem
-        super().__init__(f"{ref}: {problem}")
-
-    def __reduce__(self):  # crosses process boundaries (the forked length pass, DataLoader workers) intact
-        return (type(self), (self.ref, self.problem))
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """Where a row came from: its data file and its index there (0-based)."""
-
-    file: Path
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.file} sample {self.index}"
-
-
-def _parse_spec(spec: str) -> tuple[Path, float]:
-    path, _, ratio = spec.strip().partition("%")
-    if ratio:
-        try:
-            percent = float(ratio)
-        except ValueError:
-            raise DataFileError(f"data path {spec!r}: the sampling ratio after % must be a number, got {ratio!r}") from None
-        if not percent > 0 or not math.isfinite(percent):
-            raise DataFileError(f"data path {spec!r}: the sampling ratio must be > 0 percent, got {ratio}")
-    return Path(path).expanduser(), float(ratio) / 100 if ratio else 1.0
-
-
-def _load_file(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise DataFileError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataFileError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(rows, list):
-        raise DataFileError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
-    return rows
-
-
-def _specs(data_path: str | os.PathLike | Sequence[str]) -> list[str]:
-    """The ``file%N`` entries of a data path: comma-separated, one path, or a list."""
-    if isinstance(data_path, str):
-        return data_path.split(",")
-    if isinstance(data_path, os.PathLike):  # one file (a Path is never split at commas)
-        return [os.fspath(data_path)]
-    return [str(spec) for spec in data_path]
-
-
-def read_rows(data_path: str | os.PathLike | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
-    """The rows of every data file, each with its ``RowRef``; ``%N`` sampling applied (seeded)."""
-    out: list[tuple[RowRef, Any]] = []
-    for spec in _specs(data_path):
-        path, ratio = _parse_spec(str(spec))
-        rows = [(RowRef(path, i), row) for i, row in enumerate(_load_file(path))]
-        if ratio != 1.0:
-            whole, part = divmod(ratio, 1.0)
-            rng = random.Random(f"{seed}:{path}")
-            kept = rows * int(whole) + rng.sample(rows, round(part * len(rows)))
-            if rows and not kept:
-                raise DataFileError(f"data path {spec!r}: {ratio * 100:g}% of {len(rows)} rows keeps none")
-            rows = kept
-        out.extend(rows)
-    if not out:
-        raise DataFileError(f"no rows in {data_path}")
-    return out
-
-
-def check_rows(data_path: str | Sequence[str], *, seed: int = 0, skip_bad_samples: bool = False) -> list[tuple[RowRef, str]]:
-    """The cheap checks of every row, before any processor or model loads: the files readable, each row's
-    structure, its tags against its media, every media file present. Raises the first ``DataFileError`` /
-    ``BadSampleError``; with ``skip_bad_samples`` returns the bad rows (``SupervisedDataset`` leaves them out
-    and counts them) instead. Decoding and the processor come later, in ``SupervisedDataset``."""
-    bad = []
-    for ref, raw in read_rows(data_path, seed=seed):
-        try:
-            _check_row(ref, raw)
-        except BadSampleError as exc:
-            if not skip_bad_samples:
-                raise
-            bad.append((ref, exc.problem))
-    return bad
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-@dataclass
-class _Row:
-    ref: RowRef
-    messages: list[dict]
-    images: list[Path]
-    videos: list[Path]
-    n_replies: int
-
-
-def _check_row(ref: RowRef, row: Any) -> _Row:
-    """Structure, tags and media presence; raises ``BadSampleError``."""
-    if not isinstance(row, dict):
-        raise BadSampleError(ref, f"a row must be a JSON object, got {type(row).__name__}")
-    turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadSampleError(ref, "'conversations' is missing or empty")
-    base = ref.file.parent
-    media: dict[str, list[Path]] = {}
-    for kind in ("image", "video"):
-        media[kind] = []
-        for value in _as_list(row.get(kind)):
-            if not isinstance(value, str) or not value:
-                raise BadSampleError(ref, f"'{kind}' must be a path or a list of paths, got {value!r:.80}")
-            path = Path(value) if Path(value).is_absolute() else base / value
-            if not path.is_file():
-                raise BadSampleError(ref, f"{kind} file {path} does not exist")
-            media[kind].append(path)
-    messages, counts, replies = [], Counter(), 0
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in _ROLES or not isinstance(turn.get("value"), str):
-            raise BadSampleError(
-                ref, f"turn {t} must be {{'from': one of {sorted(_ROLES)}, 'value': a string}}, got {turn!r:.80}"
-            )
-        role = _ROLES[turn["from"]]
-        if role == "assistant":
-            replies += 1
-            if _TAG.search(turn["value"]):
-                raise BadSampleError(ref, f"turn {t}: an assistant reply cannot hold <image> or <video>")
-        content = []
-        for piece in _TAG.split(turn["value"]):
-            if piece == "<image>":
-                content.append({"type": "image"})
-                counts["image"] += 1
-            elif piece == "<video>":
-                content.append({"type": "video"})
-                counts["video"] += 1
-            elif piece:
-                content.append({"type": "text", "text": piece})
-        messages.append({"role": role, "content": content})
-    if replies == 0:
-        raise BadSampleError(ref, "no assistant ('gpt') turn: nothing to train on")
-    for kind in ("image", "video"):
-        if counts[kind] != len(media[kind]):
-            raise BadSampleError(ref, f"{counts[kind]} <{kind}> tags but {len(media[kind])} {kind} files")
-    return _Row(ref, messages, media["image"], media["video"], replies)
-
-
 def sample_item(model, out, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """One sample as the collators take it, from the processor's output ``out`` (batch of one) and the sample's
     ``input_ids`` / ``labels`` ``(L,)`` (cut to length): its vision tensors (``VISION_KEYS``), its
@@ -421,7 +234,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self._check_text(row)
         if ids is None:
             ids = _template_ids(self.processor, row.messages)
-        sizes = [_image_size(row.ref, path) for path in row.images]
+        sizes = [image_size(row.ref, path) for path in row.images]
         try:
             positions, length, last_vision = self._rule.expand(ids, self._rule.image_tokens(sizes))
         except ValueError:  # the template placed the images otherwise: let the processor say
@@ -463,12 +276,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _process(self, row: _Row) -> tuple[dict[str, torch.Tensor], bool]:
         self._check_text(row)
         text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
-        images = [_open_image(row.ref, p) for p in row.images] or None
+        images = [open_image(row.ref, p) for p in row.images] or None
         videos, extra = None, {}
         if row.videos:
             if not videos_available(self.processor):
                 raise BadSampleError(row.ref, "videos need torchvision: transformers' video processors need it and it is not installed here")
-            decoded = [_load_video(row.ref, p) for p in row.videos]
+            decoded = [load_video(row.ref, p) for p in row.videos]
             videos, extra["video_metadata"] = [v for v, _ in decoded], [m for _, m in decoded]
         try:
             out = self.processor(text=[text], images=images, videos=videos, return_tensors="pt", **extra)
@@ -592,29 +405,6 @@ def _from_cache(rows: list[tuple[RowRef, Any]], status, lengths, problems: dict[
     return results
 
 
-class _Rows:
-    """The admitted rows, in order: each a ``_Row``, or its ``(RowRef, raw row)`` until first read (rows from the
-    length cache are parsed only when a DataLoader worker reads them)."""
-
-    def __init__(self) -> None:
-        self._items: list = []
-
-    def append(self, item) -> None:
-        self._items.append(item)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> _Row:
-        item = self._items[index]
-        if isinstance(item, tuple):
-            item = self._items[index] = _check_row(*item)
-        return item
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
 # Rows per batched template render and tokenizer call in the length pass.
 _HEADER_CHUNK = 512
 
@@ -627,45 +417,3 @@ def _named(row: _Row, admit, *args):
         return exc
     except Exception as exc:
         return BadSampleError(row.ref, f"{type(exc).__name__}: {exc}")
-
-
-def _image_size(ref: RowRef, path: Path) -> tuple[int, int]:
-    """``(height, width)`` from the image file's header (PIL reads no pixels until asked)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadSampleError(ref, f"image file {path} cannot be read: {exc}") from None
-    return height, width
-
-
-def _open_image(ref: RowRef, path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadSampleError(ref, f"image file {path} cannot be read: {exc}") from None
-
-
-# transformers' video decoders, in the order we try them, with the module each needs.
-_VIDEO_DECODERS = (("torchcodec", "torchcodec"), ("pyav", "av"), ("decord", "decord"), ("opencv", "cv2"))
-
-
-def _load_video(ref: RowRef, path: Path):
-    """All frames of a video file and its metadata, through transformers' ``load_video``; the processor
-    samples frames by its own config, exactly as with a path."""
-    from transformers.video_utils import load_video
-
-    backend = next((name for name, module in _VIDEO_DECODERS if importlib.util.find_spec(module) is not None), None)
-    if backend is None:
-        raise BadSampleError(
-            ref, f"video file {path} cannot be decoded: no video decoder is installed (pip install av, or torchcodec)"
-        )
-    try:
-        return load_video(str(path), backend=backend)
-    except Exception as exc:
-        raise BadSampleError(ref, f"video file {path} cannot be read ({backend}): {type(exc).__name__}: {exc}") from None
