@@ -236,6 +236,24 @@ class FamilySpec:
     def import_module(self) -> ModuleType:
         return importlib.import_module(self.module)
 
+    def config_type(self) -> type:
+        """The config class ``config_class`` names: from the modeling module (which imports it), else the one
+        registered with ``AutoConfig`` under the family's model_type (``name``) when it has that class name."""
+        cls = getattr(self.import_module(), self.config_class, None)
+        if cls is None:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            registered = CONFIG_MAPPING[self.name] if self.name in CONFIG_MAPPING else None
+            if registered is None or registered.__name__ != self.config_class:
+                raise AttributeError(f"{self.module} has no {self.config_class}, nor does AutoConfig under {self.name!r}")
+            cls = registered
+        return cls
+
+    def entry_type(self, index: int = 0) -> type:
+        """The entry class ``entry_classes[index]`` (default: the outermost, which the fixtures build), from the
+        modeling module."""
+        return getattr(self.import_module(), self.entry_classes[index])
+
     def available(self, version: str | None = None) -> bool:
         """Whether the installed (or given) transformers release has this family."""
         from packaging.version import Version

@@ -22,8 +22,9 @@ Token ids (the special ids must equal the configs' ``*_token_id`` fields; the te
     0 <|endoftext|> (pad)   1 <|im_start|>   2 <|im_end|> (eos)   3..258 the 256 bytes   259..499 merges
     500 <|image_pad|>   501 <|video_pad|>   502 <|vision_start|>   503 <|vision_end|>   504.. the rest
 
-A family whose processor looks its tokens up by other names has its own tokenizer files, the same BPE with other
-special tokens (``TOKENIZER_VARIANTS``): GLM-4V names 500..503 <|image|> <|video|> <|begin_of_image|>
+Each family's processor files follow its ``ProcessorRecipe`` (``PROCESSORS``, by family name; Qwen3-VL's by
+default). A family whose processor looks its tokens up by other names has its own tokenizer files, the same BPE with
+other special tokens (the recipe names one of ``TOKENIZER_VARIANTS``): GLM-4V names 500..503 <|image|> <|video|> <|begin_of_image|>
 <|end_of_image|> and adds 509 <|begin_of_video|>, 510 <|end_of_video|>; Qwen3-Omni adds 509 <|audio_pad|>,
 510 <|audio_start|>, 511 <|audio_end|> and names them all as tokenizer attributes (its processor reads
 ``tokenizer.image_token``, ``tokenizer.vision_bos_token``, ...).
@@ -39,6 +40,8 @@ import io
 import json
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -223,7 +226,7 @@ LATE_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 LATE_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # added, not special (as in Qwen3)
 VOCAB_SIZE = 512
 
-# Per family config class, the tokenizer its processor needs when it differs from the shared one:
+# The tokenizers a family's processor may need instead of the shared one, by the name its ``ProcessorRecipe`` gives:
 # (the specials at 500..504, the specials added after LATE_TOKENS from 509 on, tokenizer attributes naming tokens).
 GLM_SPECIALS = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|vision_pad|>"]
 GLM_TOKENIZER = (GLM_SPECIALS, ["<|begin_of_video|>", "<|end_of_video|>"], {})
@@ -240,11 +243,7 @@ OMNI_TOKENIZER = (
         "audio_eos_token": "<|audio_end|>",
     },
 )
-TOKENIZER_VARIANTS = {
-    "Glm4vConfig": GLM_TOKENIZER,
-    "Glm4vMoeConfig": GLM_TOKENIZER,
-    "Qwen3OmniMoeThinkerConfig": OMNI_TOKENIZER,
-}
+TOKENIZER_VARIANTS = {"glm": GLM_TOKENIZER, "omni": OMNI_TOKENIZER}
 
 # Qwen2's pre-tokenizer: transformers 5.x rebuilds exactly this pipeline around the vocab and merges of
 # tokenizer.json (``Qwen2Tokenizer.__init__``); 4.x reads tokenizer.json as it is. Both must agree.
@@ -458,19 +457,6 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 HALF = [0.5, 0.5, 0.5]
 
-# Per family: the processor class, the normalisation, the template, the video processor type.
-PROCESSORS = {
-    "Qwen2VLConfig": ("Qwen2VLProcessor", CLIP_MEAN, CLIP_STD, QWEN2_TEMPLATE, "Qwen2VLVideoProcessor"),
-    "Qwen2_5_VLConfig": ("Qwen2_5_VLProcessor", CLIP_MEAN, CLIP_STD, QWEN2_TEMPLATE, "Qwen2VLVideoProcessor"),
-    "Qwen3VLConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
-    "Qwen3VLMoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
-    "Qwen3_5Config": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
-    "Qwen3_5MoeConfig": ("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor"),
-    "Glm4vConfig": ("Glm4vProcessor", CLIP_MEAN, CLIP_STD, GLM_TEMPLATE, "Glm4vVideoProcessor"),
-    "Glm4vMoeConfig": ("Glm4vProcessor", CLIP_MEAN, CLIP_STD, GLM_TEMPLATE, "Glm4vVideoProcessor"),
-    "Qwen3OmniMoeThinkerConfig": ("Qwen3OmniMoeProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen2VLVideoProcessor"),
-}
-
 # Qwen3-Omni's processor also holds an audio feature extractor (Whisper's log-mel), configured in the same
 # preprocessor_config.json as the image processor; its mel bins are the tiny audio tower's.
 WHISPER_FEATURES = {
@@ -488,7 +474,44 @@ WHISPER_FEATURES = {
 }
 
 
-def _glm_processors(common: dict) -> tuple[dict, dict]:
+def _qwen_image(common: dict) -> dict:
+    return {
+        **common,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": IMAGE_MIN_PIXELS,
+        "max_pixels": IMAGE_MAX_PIXELS,
+        "size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
+    }
+
+
+def _qwen2_processors(common: dict, video_type: str) -> tuple[dict, dict]:
+    """Qwen2-VL's image and video processors: each frame's pixels bounded alike."""
+    video = {
+        **common,
+        "video_processor_type": video_type,
+        "min_pixels": VIDEO_MIN_PIXELS,
+        "max_pixels": VIDEO_MAX_PIXELS,
+        "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+    }
+    return _qwen_image(common), video
+
+
+def _qwen3_processors(common: dict, video_type: str) -> tuple[dict, dict]:
+    """Qwen3-VL bounds the pixels of the whole clip (frames x height x width) and samples frames at ``fps``:
+    8 frames at 4 fps become 4 frames, 4 x 16 x 16 pixels, 2 temporal groups of 4 tokens."""
+    video = {
+        **common,
+        "video_processor_type": video_type,
+        "size": {"shortest_edge": 4 * VIDEO_MIN_PIXELS, "longest_edge": 4 * VIDEO_MAX_PIXELS},
+        "do_sample_frames": True,
+        "fps": 2,
+        "min_frames": 2,
+        "max_frames": 16,
+    }
+    return _qwen_image(common), video
+
+
+def _glm_processors(common: dict, video_type: str) -> tuple[dict, dict]:
     """GLM-4V's own image and video processors bound the pixels of temporal_patch_size frames (an image counts
     twice): the same 16x16..32x32 pixels per frame as the Qwen ones, 8 frames at 4 fps sampled at 2 fps."""
     image = {
@@ -498,7 +521,7 @@ def _glm_processors(common: dict) -> tuple[dict, dict]:
     }
     video = {
         **common,
-        "video_processor_type": "Glm4vVideoProcessor",
+        "video_processor_type": video_type,
         "size": {"shortest_edge": 4 * VIDEO_MIN_PIXELS, "longest_edge": 4 * VIDEO_MAX_PIXELS},
         "max_image_size": {"longest_edge": 4 * VIDEO_MAX_PIXELS},
         "do_sample_frames": True,
@@ -508,57 +531,76 @@ def _glm_processors(common: dict) -> tuple[dict, dict]:
     return image, video
 
 
-def processor_files(config_class: str, audio_config: dict | None = None) -> dict[str, bytes]:
-    processor_class, mean, std, template, video_type = PROCESSORS[config_class]
+@dataclass(frozen=True)
+class ProcessorRecipe:
+    """How a family's fixture processor files are written (fixture facts: the real checkpoints' normalisation, a
+    template written for these fixtures).
+
+    processor_class: the processor ``AutoProcessor`` builds; mean, std: the image normalisation; template: the chat
+    template; video_processor: the video processor type; processors: builds the image and the video processor
+    configs from the keys they share and ``video_processor``; tokenizer: a ``TOKENIZER_VARIANTS`` name where the
+    processor looks its tokens up by other names than the shared tokenizer's, else ``None``.
+    """
+
+    processor_class: str
+    mean: list[float]
+    std: list[float]
+    template: str
+    video_processor: str
+    processors: Callable[[dict, str], tuple[dict, dict]]
+    tokenizer: str | None = None
+
+
+QWEN2_VL_RECIPE = ProcessorRecipe(
+    "Qwen2VLProcessor", CLIP_MEAN, CLIP_STD, QWEN2_TEMPLATE, "Qwen2VLVideoProcessor", _qwen2_processors
+)
+QWEN3_VL_RECIPE = ProcessorRecipe("Qwen3VLProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen3VLVideoProcessor", _qwen3_processors)
+GLM4V_RECIPE = ProcessorRecipe(
+    "Glm4vProcessor", CLIP_MEAN, CLIP_STD, GLM_TEMPLATE, "Glm4vVideoProcessor", _glm_processors, tokenizer="glm"
+)
+
+# By family name (``FamilySpec.name``): the recipe of each family whose processor is not Qwen3-VL's. Every other
+# family (today Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) takes ``DEFAULT_RECIPE``, so a new family that shares
+# Qwen3-VL's processor needs no entry here.
+DEFAULT_RECIPE = QWEN3_VL_RECIPE
+PROCESSORS: dict[str, ProcessorRecipe] = {
+    "qwen2_vl": QWEN2_VL_RECIPE,
+    "qwen2_5_vl": replace(QWEN2_VL_RECIPE, processor_class="Qwen2_5_VLProcessor"),
+    "glm4v": GLM4V_RECIPE,
+    "glm4v_moe": GLM4V_RECIPE,
+    "qwen3_omni_moe_thinker": ProcessorRecipe(
+        "Qwen3OmniMoeProcessor", HALF, HALF, QWEN3_TEMPLATE, "Qwen2VLVideoProcessor", _qwen2_processors, tokenizer="omni"
+    ),
+}
+
+
+def recipe(spec) -> ProcessorRecipe:
+    """The processor recipe of a family (``FamilySpec``): its own, or ``DEFAULT_RECIPE``."""
+    return PROCESSORS.get(spec.name, DEFAULT_RECIPE)
+
+
+def processor_files(recipe: ProcessorRecipe, audio_config: dict | None = None) -> dict[str, bytes]:
     common = {
         "do_convert_rgb": True,
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": mean,
-        "image_std": std,
+        "image_mean": recipe.mean,
+        "image_std": recipe.std,
         "merge_size": MERGE,
         "patch_size": PATCH,
-        "processor_class": processor_class,
+        "processor_class": recipe.processor_class,
         "resample": 3,
         "rescale_factor": 1 / 255,
         "temporal_patch_size": TEMPORAL_PATCH,
     }
-    image = {
-        **common,
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "min_pixels": IMAGE_MIN_PIXELS,
-        "max_pixels": IMAGE_MAX_PIXELS,
-        "size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
-    }
-    if video_type == "Glm4vVideoProcessor":
-        image, video = _glm_processors(common)
-    elif video_type == "Qwen2VLVideoProcessor":
-        video = {
-            **common,
-            "video_processor_type": video_type,
-            "min_pixels": VIDEO_MIN_PIXELS,
-            "max_pixels": VIDEO_MAX_PIXELS,
-            "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
-        }
-    else:
-        # Qwen3-VL bounds the pixels of the whole clip (frames x height x width) and samples frames at ``fps``:
-        # 8 frames at 4 fps become 4 frames, 4 x 16 x 16 pixels, 2 temporal groups of 4 tokens.
-        video = {
-            **common,
-            "video_processor_type": video_type,
-            "size": {"shortest_edge": 4 * VIDEO_MIN_PIXELS, "longest_edge": 4 * VIDEO_MAX_PIXELS},
-            "do_sample_frames": True,
-            "fps": 2,
-            "min_frames": 2,
-            "max_frames": 16,
-        }
+    image, video = recipe.processors(common, recipe.video_processor)
     if audio_config is not None:
         image = {**image, **WHISPER_FEATURES, "feature_size": audio_config["num_mel_bins"]}
     return {
         "preprocessor_config.json": dumps(image),
         "video_preprocessor_config.json": dumps(video),
-        "chat_template.jinja": template.encode(),
+        "chat_template.jinja": recipe.template.encode(),
     }
 
 
@@ -594,9 +636,9 @@ def model_files(spec) -> dict[str, bytes]:
     transformers.utils.logging.disable_progress_bar()
     data = model_config(spec)
     # A deep copy: config classes rewrite the rope dict they are given in place (5.x adds rope_theta to it).
-    config = getattr(transformers, spec.config_class).from_dict(copy.deepcopy(data))
+    config = spec.config_type().from_dict(copy.deepcopy(data))
     torch.manual_seed(SEED)
-    model = getattr(transformers, spec.entry_classes[0])._from_config(config, attn_implementation="eager")
+    model = spec.entry_type()._from_config(config, attn_implementation="eager")
     model = model.to(torch.float32).eval()
     # The checkpoint is in the generating release's layout. For Qwen3-VL-MoE that matters: 5.x keeps fused experts
     # as gate_up (E, 2I, H) / down (E, H, I), 4.x as (E, H, 2I) / (E, I, H), and 5.x's save_pretrained does not
@@ -638,15 +680,15 @@ def build() -> dict[str, bytes]:
     variants = {}
     for spec in FAMILIES.values():
         folder = f"models/{spec.fixture}"
+        own = recipe(spec)
         tokenizer = shared
-        if spec.config_class in TOKENIZER_VARIANTS:
-            late, extra, attributes = TOKENIZER_VARIANTS[spec.config_class]
-            key = (tuple(late), tuple(extra))  # GLM-4V and GLM-4V-MoE share theirs
-            if key not in variants:
-                variants[key] = tokenizer_files(train_tokenizer(rows, late, extra), late, extra, attributes)
-            tokenizer = variants[key]
+        if own.tokenizer is not None:
+            if own.tokenizer not in variants:  # GLM-4V and GLM-4V-MoE share theirs
+                late, extra, attributes = TOKENIZER_VARIANTS[own.tokenizer]
+                variants[own.tokenizer] = tokenizer_files(train_tokenizer(rows, late, extra), late, extra, attributes)
+            tokenizer = variants[own.tokenizer]
         audio = model_config(spec).get("audio_config")
-        for name, data in {**model_files(spec), **processor_files(spec.config_class, audio), **tokenizer}.items():
+        for name, data in {**model_files(spec), **processor_files(own, audio), **tokenizer}.items():
             files[f"{folder}/{name}"] = data
     return files
 
