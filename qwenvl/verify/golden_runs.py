@@ -53,7 +53,7 @@ def golden_model(family: str):
 
     spec = get_family(family)
     folder = model_dir(family)  # FileNotFoundError naming scripts/make_fixtures.py when it is missing
-    cls = getattr(transformers, spec.entry_classes[0])
+    cls = spec.entry_type()
     transformers.utils.logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(folder, attn_implementation="sdpa")
@@ -132,23 +132,32 @@ def run_patched(
     return ordered, _grads(model, names)
 
 
-def _canonical(name: str) -> str:
-    """A parameter name without the container prefixes releases rename (4.57's Qwen3-Omni thinker has
-    ``model.layers.0...`` where 5.x has ``model.language_model.layers.0...``)."""
-    return re.sub(r"^(thinker\.)?(model\.)?(language_model\.)?", "", name)
+def _containers(model) -> re.Pattern:
+    """The container prefixes releases rename, as one pattern: the entry class's ``base_model_prefix`` (4.57's
+    Qwen3-Omni thinker: ``thinker``, the container its checkpoints hold it under), then transformers' ``model.`` and
+    ``language_model.`` (4.57's thinker has ``model.layers.0...`` where 5.x has ``model.language_model.layers.0...``)."""
+    base = getattr(model, "base_model_prefix", "")
+    outer = "" if base in ("", "model", "language_model") else rf"({re.escape(base)}\.)?"
+    return re.compile(rf"^{outer}(model\.)?(language_model\.)?")
+
+
+def _canonical(name: str, containers: re.Pattern) -> str:
+    """A parameter name without the container prefixes releases rename (``_containers``)."""
+    return containers.sub("", name)
 
 
 def _grads(model, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The gradients of ``names`` (the golden names), found under this release's names where containers moved."""
     params = dict(model.named_parameters())
+    containers = _containers(model)
     by_canonical: dict[str, list[str]] = {}
     for name in params:
-        by_canonical.setdefault(_canonical(name), []).append(name)
+        by_canonical.setdefault(_canonical(name, containers), []).append(name)
     out = {}
     for name in names:
         param = params.get(name)
-        if param is None and len(by_canonical.get(_canonical(name), [])) == 1:
-            param = params[by_canonical[_canonical(name)][0]]
+        if param is None and len(by_canonical.get(_canonical(name, containers), [])) == 1:
+            param = params[by_canonical[_canonical(name, containers)][0]]
         if param is not None:
             out[name] = torch.zeros_like(param) if param.grad is None else param.grad.detach().clone()
     return out
