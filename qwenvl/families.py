@@ -5,8 +5,10 @@ The tiny fixtures (``qwenvl.fixtures``), the verify cases (``qwenvl verify``), t
 sample builders (``qwenvl.verify.batches``) all read ``FAMILIES``; a per-family layout fact is a field of the
 spec, never a check on the family's name. A new family sharing the text-attention pattern (one modeling module,
 mask builders as module globals, attention resolved through ``ALL_ATTENTION_FUNCTIONS``) is one more
-``FamilySpec`` entry plus its fixture config ``fixtures/configs/<fixture>.json``; ``parity_tests/test_families.py``
-fails when either is missing.
+``FamilySpec`` entry plus its fixture config ``fixtures/configs/<fixture>.json`` (and a processor recipe in
+``scripts/make_fixtures.py`` where its processor is not Qwen3-VL's); ``parity_tests/test_families.py`` fails when
+either is missing, and ``parity_tests/test_new_family.py`` registers synthetic families to prove nothing else is
+needed.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class FamilySpec:
     Where it lives (checked against the installed release when patching):
         name: our name for the family, equal to the top-level ``config.model_type``.
         module: the modeling module whose globals we patch.
-        config_class: the top-level config class (in ``transformers``).
+        config_class: the top-level config class (``config_type()``: from the modeling module, which imports it, or
+            registered with ``AutoConfig`` under ``name``).
         entry_classes: model classes whose ``forward`` takes a packed batch (outermost first; the first is the
             one the fixtures build).
         text_attention: the text attention class (causal).
