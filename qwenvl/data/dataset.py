@@ -162,30 +162,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return [int(bool(row.videos)) for row in self.rows]
 
     def _admit_all(self, rows: list[tuple[RowRef, Any]], num_workers: int) -> list:
-        """Each row's ``(row, length, truncated)`` or its ``BadSampleError``, in order: rows the length rule
-        covers in chunks (one batched template render and tokenizer call each), the others processed in threads."""
+        """Each row's ``((RowRef, raw row), length, truncated)`` or its ``BadSampleError``, in order, a chunk of rows
+        at a time: rows the length rule covers with one batched template render and tokenizer call a chunk, the
+        others processed in threads. Parsed rows live only for their chunk (``_Rows`` parses again when read):
+        a million rows are never all parsed at once."""
         results: list = [None] * len(rows)
-        by_header: list[tuple[int, _Row]] = []
-        processed: list[tuple[int, _Row]] = []
-        for i, (ref, raw) in enumerate(rows):
-            try:
-                row = _check_row(ref, raw)
-            except BadSampleError as exc:
-                results[i] = exc
-                continue
-            if self._rule is not None and not row.videos:
-                by_header.append((i, row))
-            else:
-                processed.append((i, row))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            # anything else a row can trip (the template, the processor, the positions) is still named
-            for (i, _), result in zip(processed, pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)):
-                results[i] = result
-        # The header pass is Python-bound (a template render, a few list walks, a 100-byte header read a row):
-        # threads would only add their hand-offs to it.
-        for chunk in (by_header[s : s + _HEADER_CHUNK] for s in range(0, len(by_header), _HEADER_CHUNK)):
-            for (i, _), result in zip(chunk, self._admit_by_header_chunk([row for _, row in chunk])):
-                results[i] = result
+            for start in range(0, len(rows), _HEADER_CHUNK):
+                by_header: list[tuple[int, _Row]] = []
+                processed: list[tuple[int, _Row]] = []
+                for i in range(start, min(start + _HEADER_CHUNK, len(rows))):
+                    try:
+                        row = _check_row(*rows[i])
+                    except BadSampleError as exc:
+                        results[i] = exc
+                        continue
+                    (by_header if self._rule is not None and not row.videos else processed).append((i, row))
+                # anything else a row can trip (the template, the processor, the positions) is still named
+                done = list(pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed))
+                # The header pass is Python-bound (a template render, a few list walks, a 100-byte header read a
+                # row): threads would only add their hand-offs to it.
+                if by_header:
+                    done += self._admit_by_header_chunk([row for _, row in by_header])
+                for (i, _), result in zip(processed + by_header, done):
+                    results[i] = result if isinstance(result, BadSampleError) else (rows[i], *result[1:])
         return results
 
     def _admit_by_header_chunk(self, rows: list[_Row]) -> list:

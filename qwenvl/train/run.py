@@ -96,7 +96,6 @@ def _model_class(model_path: str):
     AutoModelForImageTextToText maps no Qwen3-Omni thinker on 4.57, hence the family's own class."""
     import json
 
-    import transformers
 
     from qwenvl.families import UnknownFamilyError, get_family
 
@@ -129,7 +128,7 @@ def _model_class(model_path: str):
     except (KeyError, ValueError) as exc:
         raise Refused(f"{flag}: {config_file} is not a transformers config ({type(exc).__name__}: {exc})") from None
     try:
-        return getattr(transformers, get_family(model_type).entry_classes[0])
+        return get_family(model_type).entry_type()
     except UnknownFamilyError as exc:
         raise Refused(f"{flag}: {exc}") from None
 
