@@ -88,6 +88,8 @@ def _cached_trainer(family: str) -> QwenVLTrainer:
         ("lm_head.weight", "base"),
         ("base_model.model.model.visual.blocks.0.attn.qkv.lora_A.default.weight", "vision"),
         ("base_model.model.model.visual.merger.linear_fc1.lora_B.default.weight", "projector"),
+        ("base_model.model.model.visual.modules_to_save.default.merger.mlp.0.weight", "projector"),  # PEFT's copy
+        ("base_model.model.model.visual.original_module.deepstack_merger_list.0.norm.weight", "projector"),
         ("base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.default.weight", "base"),
     ],
 )

@@ -189,6 +189,12 @@ class FamilySpec:
             ``"out_hidden_size"`` from Qwen2.5-VL on).
         deepstack_mergers: the vision-tower attribute holding the deepstack mergers (extra projectors feeding
             intermediate vision features to early decoder layers; optimizer component "projector"), or ``None``.
+        vision_tower: the attribute holding the vision tower (optimizer component "vision").
+        projectors: the vision-tower attributes that map vision features to the text width (component
+            "projector"; the deepstack mergers count too). GLM-4V's 2x2 ``downsample`` conv does the first half
+            of Qwen's merger.
+        other_towers: further encoders trained as component "vision" (Qwen3-Omni's ``audio_tower``: freezing
+            the towers or giving them their own rate covers it too).
         min_transformers: the first transformers release that has the family (checked when patching; a release
             without it skips it when every family is patched, and refuses it when it is asked for by name).
         linear_attention: the linear-attention (Gated DeltaNet) token mixer class of a hybrid family, or ``None``.
@@ -224,6 +230,9 @@ class FamilySpec:
     fixture: str = ""
     merger_width_key: str = "hidden_size"
     deepstack_mergers: str | None = None
+    vision_tower: str = "visual"
+    projectors: tuple[str, ...] = ("merger",)
+    other_towers: tuple[str, ...] = ()
     video_group_spans: bool = False
     min_transformers: str = "4.57.0"
     linear_attention: str | None = None
@@ -376,6 +385,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         vision_attention="Glm4vVisionAttention",
         mask_builders=("create_causal_mask",),
         merger_width_key="out_hidden_size",
+        projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
         release_bugs=_glm_bugs("Glm4v"),
@@ -391,6 +401,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         aux_loss="load_balancing_loss_func",  # absent from 4.57, which computes no router loss for it
         moe_block="Glm4vMoeTextMoE",
         merger_width_key="out_hidden_size",
+        projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
         release_bugs=_glm_bugs("Glm4vMoe") + _GLM_MOE_BUGS,
@@ -409,6 +420,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         aux_loss="load_balancing_loss_func",
         merger_width_key="out_hidden_size",
         deepstack_mergers="merger_list",
+        other_towers=("audio_tower",),
         moe_block="Qwen3OmniMoeThinkerTextSparseMoeBlock",
         release_bugs=_OMNI_BUGS,
     ),

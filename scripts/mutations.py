@@ -224,7 +224,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "projector_classed_as_vision",
         "Qwen3-VL's deepstack mergers classed as vision tower",
         "qwenvl/train/optim.py",
-        (('if "merger" in name', 'if ".merger." in name'),),
+        (("        for attribute in (*attributes, deepstack):", "        for attribute in attributes:"),),
         ("parity_tests/test_optimizer_groups.py",),
     ),
     Mutation(

@@ -21,8 +21,10 @@ Each component is split into a decay and a no-decay group. A learning rate of ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
 from collections.abc import Iterable
 from typing import Literal
 
@@ -49,15 +51,67 @@ Component = Literal["base", "vision", "projector"]
 COMPONENTS: tuple[Component, ...] = ("base", "vision", "projector")
 
 
-def classify(name: str) -> Component:
-    """The component a parameter belongs to, from its (possibly PEFT-prefixed) name.
+# PEFT's ModulesToSaveWrapper puts `.modules_to_save.<adapter>.` (the trained copy) or `.original_module.` between
+# a wrapped module and its parameters.
+_PEFT_WRAPPER = re.compile(r"\.(?:modules_to_save\.[^.]+|original_module)\.")
 
-    GLM-4V's ``visual.downsample`` (a 2x2 stride-2 conv from the tower's width to the text width) does what the
-    first half of Qwen's merger does: projector.
+
+def _layout_facts() -> tuple:
+    from qwenvl.families import FAMILIES
+
+    return tuple((s.vision_tower, s.projectors, s.deepstack_mergers, s.other_towers) for s in FAMILIES.values())
+
+
+@functools.lru_cache(maxsize=4)
+def _deepstack_patterns(facts: tuple) -> tuple[re.Pattern, re.Pattern]:
+    """(a deepstack merger with its index, the vision tower) name patterns from the families' layout facts."""
+    deepstack = sorted({f"{re.escape(t)}\\.{re.escape(d)}" for t, _, d, _ in facts if d})
+    tower = sorted({re.escape(t) for t, _, _, _ in facts})
+    return (
+        re.compile(rf"(?:^|\.)(?:{'|'.join(deepstack)})\.(\d+)\."),
+        re.compile(rf"(?:^|\.)(?:{'|'.join(tower)})\."),
+    )
+
+
+def deepstack_index(name: str) -> int | None:
+    """The index of the deepstack merger a parameter belongs to (Qwen3-VL, the Qwen3-Omni thinker), or ``None``."""
+    match = _deepstack_patterns(_layout_facts())[0].search(_PEFT_WRAPPER.sub(".", name))
+    return int(match.group(1)) if match else None
+
+
+def in_vision_tower(name: str) -> bool:
+    """Whether a parameter is part of a vision tower (not another encoder, such as Qwen3-Omni's audio tower)."""
+    return _deepstack_patterns(_layout_facts())[1].search(_PEFT_WRAPPER.sub(".", name)) is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _component_patterns(facts: tuple) -> tuple[re.Pattern, re.Pattern]:
+    """(projector, vision) name patterns from the families' layout facts (``_layout_facts``: each spec's
+    ``vision_tower``, ``projectors``, ``deepstack_mergers``, ``other_towers``)."""
+    projectors, towers = set(), set()
+    for vision_tower, attributes, deepstack, other_towers in facts:
+        towers.update((vision_tower, *other_towers))
+        for attribute in (*attributes, deepstack):
+            if attribute:
+                projectors.add(f"{re.escape(vision_tower)}\\.{re.escape(attribute)}")
+    alternatives = "|".join(sorted(projectors))
+    return (
+        re.compile(rf"(?:^|\.)(?:{alternatives})\."),
+        re.compile(rf"(?:^|\.)(?:{'|'.join(map(re.escape, sorted(towers)))})\."),
+    )
+
+
+def classify(name: str) -> Component:
+    """The component a parameter belongs to, from its (possibly PEFT-prefixed) name, by the family specs'
+    layout facts (``_component_patterns``): a projector of a vision tower (mergers, deepstack mergers, GLM-4V's
+    ``downsample``, which does what the first half of Qwen's merger does), else any part of a tower (the vision
+    tower, Qwen3-Omni's audio tower), else the base model.
     """
-    if "merger" in name or "visual.downsample." in name:
+    projector, tower = _component_patterns(_layout_facts())
+    name = _PEFT_WRAPPER.sub(".", name)  # visual.modules_to_save.default.merger.* is the merger's trained copy
+    if projector.search(name):
         return "projector"
-    if "visual" in name or "audio_tower" in name:
+    if tower.search(name):
         return "vision"
     return "base"
 

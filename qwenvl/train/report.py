@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenvl.train.optim import classify
+from qwenvl.train.optim import classify, deepstack_index, in_vision_tower
 
 __all__ = ["TrainableReport", "trainable_report", "log_trainable_report", "compress_ranges", "upstream_trainable_lines"]
 
@@ -40,8 +40,6 @@ COMPONENTS = (
 )
 
 _VISION_BLOCK = re.compile(r"(?:^|\.)visual\.blocks\.(\d+)\.")
-# Qwen3-VL's deepstack mergers; the Qwen3-Omni thinker names the same list ``merger_list``.
-_DEEPSTACK = re.compile(r"(?:^|\.)(?:deepstack_)?merger_list\.(\d+)\.")
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # PEFT's ModulesToSaveWrapper: the trained copy `<module>.modules_to_save.<adapter>.<rest>` runs in the forward,
 # the frozen `<module>.original_module.<rest>` does not.
@@ -55,11 +53,11 @@ def _locate(name: str) -> tuple[str, int | None]:
     The optimizer's component (``qwenvl.train.optim.classify``, the one rule) refined into the report's rows."""
     component = classify(name)
     if component == "projector":
-        if m := _DEEPSTACK.search(name):
-            return "deepstack_mergers", int(m.group(1))
+        if (index := deepstack_index(name)) is not None:
+            return "deepstack_mergers", index
         return "merger", None  # the merger (GLM-4V: and its 2x2 downsample into the text width)
     if component == "vision":
-        if "visual" not in name:
+        if not in_vision_tower(name):
             return "other", None  # the Qwen3-Omni thinker's audio encoder: no vision row fits it
         if m := _VISION_BLOCK.search(name):
             return "vision_blocks", int(m.group(1))
