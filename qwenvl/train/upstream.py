@@ -27,6 +27,7 @@ is qwenvl's: every family patched for packed batches, ``cu_seqlens`` read where 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 
@@ -81,13 +82,10 @@ def _set_module(recorder: PatchRecorder, name: str, module) -> None:
 
 
 def _use_checkout_modules(recorder: PatchRecorder) -> dict[str, str]:
-    import qwenvl.train
-
     used = {}
     for name in SHADOWED:
         package, _, leaf = name.rpartition(".")
-        path = sys.modules[package].__path__ if package in sys.modules else qwenvl.train.__path__
-        file = checkout_file(path, f"{leaf}.py")
+        file = checkout_file(importlib.import_module(package).__path__, f"{leaf}.py")
         if file is None:
             continue
         _set_module(recorder, name, load_checkout_module(package, file, name))
