@@ -36,7 +36,7 @@ def _parse(argv):
     p.add_argument("--image-rows", type=int, default=20_000)
     p.add_argument("--distinct-images", type=int, default=500, help="distinct PNG files the image rows cycle through")
     p.add_argument("--before-rows", type=int, default=2_000, help="rows measured with every row processed (the old way)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8])
     p.add_argument("--loader-rows", type=int, default=200, help="packed rows the loader benchmark reads")
     return p.parse_args(argv)
 

@@ -179,7 +179,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         continue
                     (by_header if self._rule is not None and not row.videos else processed).append((i, row))
                 # anything else a row can trip (the template, the processor, the positions) is still named
-                done = list(pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed))
+                done = list(pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)) if processed else []
                 # The header pass is Python-bound (a template render, a few list walks, a 100-byte header read a
                 # row): threads would only add their hand-offs to it.
                 if by_header:
