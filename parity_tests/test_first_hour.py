@@ -113,3 +113,13 @@ def test_attention_backend_help_names_every_backend():
 
     help_text = next(f for f in fields(ModelArguments) if f.name == "attention_backend").metadata["help"]
     assert all(name in help_text for name in ["auto", *BACKENDS]), help_text
+
+
+def test_packing_convention_help_names_every_convention_the_collator_builds():
+    from dataclasses import fields
+
+    from qwenvl.data import CONVENTIONS
+    from qwenvl.train.run import DataArguments
+
+    help_text = next(f for f in fields(DataArguments) if f.name == "packing_convention").metadata["help"]
+    assert all(name in help_text for name in CONVENTIONS), help_text

@@ -35,7 +35,7 @@ from qwenvl.verify.batches import (
 )
 from qwenvl.verify.parity import run_case
 
-CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
+from qwenvl.packing import CONVENTIONS  # noqa: E402  (the one list of packed conventions)
 
 
 @st.composite

@@ -25,12 +25,14 @@ from typing import Any, Sequence
 
 import torch
 
+from qwenvl.packing import CONVENTIONS as ALL_CONVENTIONS
 from qwenvl.packing import IGNORE_INDEX, cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
 
 __all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-CONVENTIONS = ("upstream", "hf_positions")
+# What the collators build (hf_kwargs rows carry the same 4-row positions plus flash kwargs: verify builds them).
+CONVENTIONS = tuple(c for c in ALL_CONVENTIONS if c != "hf_kwargs")
 
 
 def _flatten(items: Sequence[Any]) -> list[dict]:

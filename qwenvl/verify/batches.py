@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from qwenvl.families import get_family
-from qwenvl.packing import cu_seqlens_to_position_ids, lengths_to_cu_seqlens
+from qwenvl.packing import CONVENTIONS, cu_seqlens_to_position_ids, lengths_to_cu_seqlens
 from qwenvl.positions import rope_index
 
 __all__ = [
@@ -249,7 +249,7 @@ class PackedBatch:
                 "max_length_q": max_len,
                 "max_length_k": max_len,
             }
-        raise ValueError(f"unknown packing convention {convention!r}; use upstream, hf_positions or hf_kwargs")
+        raise ValueError(f"unknown packing convention {convention!r}; use {', '.join(CONVENTIONS)}")
 
     def to(self, device) -> "PackedBatch":
         moved = {

@@ -15,6 +15,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from qwenvl.packing import CONVENTIONS
+
 __all__ = [
     "CONVENTIONS",
     "DEVICES",
@@ -27,7 +29,6 @@ __all__ = [
     "all_backends",
 ]
 
-CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
 DEVICES = ("cpu", "cuda")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
