@@ -240,16 +240,32 @@ def test_header_lengths_equal_processed_lengths(family, demo, limit):
     data = _write(demo, rows)
     header = _dataset(family, data, model_max_length=limit, skip_bad_samples=True)
     processed = _dataset(family, data, model_max_length=limit, skip_bad_samples=True, header_lengths=False)
-    from qwenvl.data.lengths import probe_length_rule
-
-    rule, why = probe_length_rule(*_load(family))
-    if rule is None:
-        pytest.skip(f"every row is processed here: {why}")
+    _length_rule_or_skip(family)
     assert header.lengths == processed.lengths
     assert header.truncated == processed.truncated
     assert header.skipped == processed.skipped
     for index in range(len(header)):
         assert header[index]["input_ids"].numel() == header.lengths[index]
+
+
+# Where the probe may decline the length rule, as measured: transformers 4.57.6's GLM-4V helper disagrees with its
+# processor, its Qwen3-Omni processor has none. Everywhere else (every family on 5.25.0) a declined rule is a bug
+# in it, never a skip: the probe's fallback would otherwise hide it from these tests.
+_RULE_DECLINED = {"glm4v": "disagrees", "glm4v_moe": "disagrees", "qwen3_omni_moe_thinker": "has no"}
+
+
+def _length_rule_or_skip(family):
+    import transformers
+    from packaging.version import Version
+
+    from qwenvl.data.lengths import probe_length_rule
+
+    rule, why = probe_length_rule(*_load(family))
+    if rule is None:
+        known = _RULE_DECLINED.get(family)
+        assert Version(transformers.__version__) < Version("5") and known and known in why, f"length rule declined: {why}"
+        pytest.skip(f"every row is processed here: {why}")
+    return rule
 
 
 try:
@@ -261,19 +277,19 @@ except ImportError:  # pragma: no cover - hypothesis is a test dependency
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @settings(max_examples=8, deadline=None)
-@given(sizes=st.lists(st.tuples(st.integers(1, 2000), st.integers(1, 2000)), min_size=0, max_size=3),
+# From 2 px: transformers 4.57.6 cannot tell a 1x1 image's channel axis ("mean must have 1 elements"), a refusal
+# the length rule does not see; such a row is refused when it is read (docs/data.md).
+@given(sizes=st.lists(st.tuples(st.integers(2, 2000), st.integers(2, 2000)), min_size=0, max_size=3),
        words=st.integers(0, 40))
 def test_length_rule_equals_the_processor(family, sizes, words):
     """The property behind header lengths: for any image sizes (tiny: min_pixels; huge: max_pixels; several in
     a row), the rule's length is the processor's own, on the real processor."""
     from PIL import Image
 
-    from qwenvl.data.lengths import _template_ids, probe_length_rule
+    from qwenvl.data.lengths import template_ids
 
     processor, model = _load(family)
-    rule, why = probe_length_rule(processor, model)
-    if rule is None:
-        pytest.skip(why)
+    rule = _length_rule_or_skip(family)
     content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": " ".join(["word"] * words) or "x"}]
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
@@ -284,7 +300,7 @@ def test_length_rule_equals_the_processor(family, sizes, words):
         with pytest.raises(ValueError):
             rule.image_tokens(sizes)
         return
-    _, length, _ = rule.expand(_template_ids(processor, messages), rule.image_tokens(sizes))
+    _, length, _ = rule.expand(template_ids(processor, messages), rule.image_tokens(sizes))
     assert length == expected
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from qwenvl.data.length_cache import BAD, CUT, OK, length_cache_key, load_lengths, save_lengths
-from qwenvl.data.lengths import _template_ids, probe_length_rule
+from qwenvl.data.lengths import template_ids, probe_length_rule
 from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
@@ -233,7 +233,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         give; nothing is decoded."""
         self._check_text(row)
         if ids is None:
-            ids = _template_ids(self.processor, row.messages)
+            ids = template_ids(self.processor, row.messages)
         sizes = [image_size(row.ref, path) for path in row.images]
         try:
             positions, length, last_vision = self._rule.expand(ids, self._rule.image_tokens(sizes))

@@ -41,10 +41,12 @@ def cache_dir() -> Path:
 
 
 def _files_identity(specs: Sequence[str]) -> list:
+    from qwenvl.data.rows import _parse_spec  # the data path's own parsing: one reading of "file%N"
+
     identity = []
     for spec in specs:
-        path, _, ratio = str(spec).strip().partition("%")
-        resolved = Path(path).expanduser().resolve()
+        path, ratio = _parse_spec(str(spec))
+        resolved = path.resolve()
         stat = resolved.stat()
         identity.append([str(resolved), stat.st_size, stat.st_mtime_ns, ratio])
     return identity

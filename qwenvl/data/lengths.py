@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-__all__ = ["LengthRule", "probe_length_rule", "PROBE_SIZES"]
+__all__ = ["LengthRule", "probe_length_rule", "template_ids", "PROBE_SIZES"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class LengthRule:
         return positions, len(ids) + offset, last_vision
 
 
-def _template_ids(processor, messages) -> list[int]:
+def template_ids(processor, messages) -> list[int]:
+    """The token ids of one conversation's chat-templated text, placeholders unexpanded."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     tokenizer = getattr(processor, "tokenizer", processor)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -100,7 +101,7 @@ def probe_length_rule(processor, model) -> tuple[LengthRule | None, str]:
     try:
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         processed = int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1])
-        _, estimated, _ = rule.expand(_template_ids(processor, messages), rule.image_tokens(PROBE_SIZES))
+        _, estimated, _ = rule.expand(template_ids(processor, messages), rule.image_tokens(PROBE_SIZES))
     except Exception as exc:  # a processor that cannot do this: process every row, say why
         return None, f"the length rule failed on probe images: {type(exc).__name__}: {exc}"
     if estimated != processed:
