@@ -123,24 +123,12 @@ def packed_inputs(model, samples, convention):
 
 
 def padded_inputs(model, samples):
-    from qwenvl.positions import rope_index
-    from qwenvl.verify.batches import _cat
+    """The same samples as the ordinary padded batch an unpatched model takes (``PaddedCollator``)."""
+    from qwenvl.data import PaddedCollator
+    from qwenvl.verify.batches import pack
 
-    width = max(len(s) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    positions = torch.ones(3, len(samples), width, dtype=torch.long)
-    for r, s in enumerate(samples):
-        n = len(s)
-        ids[r, :n], mask[r, :n] = s.input_ids, 1
-        positions[:, r, :n] = rope_index(model, s.input_ids[None], image_grid_thw=s.image_grid_thw, video_grid_thw=s.video_grid_thw)[:, 0]
-    labels = ids.masked_fill(mask == 0, -100)
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        value = _cat([getattr(s, key) for s in samples])
-        if value is not None:
-            inputs[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
-    inputs = {k: v.cuda() for k, v in inputs.items()}
+    batch = PaddedCollator(pad_token_id=0)(pack(model, samples).items)
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).cuda() for k, v in batch.items()}
     _add_token_types(model, inputs)
     return inputs
 

@@ -175,9 +175,23 @@ def test_packed_collator_properties(data, convention):
         assert torch.equal(batch[key], torch.cat(present)) if present else key not in batch
 
 
+def test_hf_kwargs_rows_are_hf_positions_rows_plus_the_flash_kwargs():
+    items = [
+        {"input_ids": torch.arange(n), "labels": torch.arange(n), "position_ids": torch.arange(n).expand(3, n)}
+        for n in (4, 7, 2)
+    ]
+    positions_row, kwargs_row = PackedCollator("hf_positions")(items), PackedCollator("hf_kwargs")(items)
+    flash = {k: kwargs_row.pop(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    assert kwargs_row.keys() == positions_row.keys()
+    assert all(torch.equal(kwargs_row[k], positions_row[k]) for k in kwargs_row)
+    expected = torch.tensor([0, 4, 11, 13], dtype=torch.int32)
+    assert torch.equal(flash["cu_seq_lens_q"], expected) and torch.equal(flash["cu_seq_lens_k"], expected)
+    assert flash["max_length_q"] == flash["max_length_k"] == 7
+
+
 def test_collators_refuse_what_they_cannot_take():
-    with pytest.raises(ValueError, match="unknown packing convention 'hf_kwargs'; choose one of upstream, hf_positions"):
-        PackedCollator("hf_kwargs")
+    with pytest.raises(ValueError, match="unknown packing convention 'flat'; choose one of upstream, hf_positions, hf_kwargs"):
+        PackedCollator("flat")
     with pytest.raises(TypeError, match="samples .* or packed rows"):
         PackedCollator()([torch.zeros(3)])
     with pytest.raises(ValueError, match="at least one sample"):

@@ -88,6 +88,25 @@ def test_the_batch_holds_images_a_video_and_text_only_samples():
     assert int(lengths.min()) == 1
 
 
+@pytest.mark.parametrize("family", sorted(MANIFEST["families"]))
+def test_the_training_collator_rebuilds_the_recorded_rows(family):
+    """The golden rows are the collator's: its samples, read back, collate into exactly the stored batch, and the
+    rows one forward each takes are its own collated rows of those samples (no second row builder)."""
+    from qwenvl.data import PackedCollator
+
+    tensors = golden.load_golden(family)
+    batch = golden.golden_batch(tensors)
+    for name in ("input_ids", "cu_seqlens", "position_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        stored = tensors.get(f"batch.{name}")
+        assert (getattr(batch, name) is None) == (stored is None), name
+        assert stored is None or torch.equal(getattr(batch, name), stored), name
+    rows, index = golden.golden_rows(batch, tensors["batch.rows"].tolist())
+    for row in rows:
+        collated = PackedCollator("upstream")(row.items)
+        assert torch.equal(row.input_ids, collated["input_ids"]) and torch.equal(row.cu_seqlens, collated["attention_mask"])
+    assert torch.equal(torch.cat([row.input_ids[0] for row in rows]), batch.input_ids[0, index])
+
+
 def test_the_fixture_set_stays_small():
     golden_bytes = sum(p.stat().st_size for p in golden.golden_dir().iterdir() if p.is_file())
     fixture_bytes = sum(p.stat().st_size for p in (ROOT / "fixtures").rglob("*") if p.is_file() and "__pycache__" not in p.parts)

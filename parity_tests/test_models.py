@@ -76,7 +76,7 @@ def _run_or_skip(family: str, **kwargs):
 def _assert_case(result):
     assert result.passed, (
         f"{result.family}/{result.convention}/{result.backend}/{result.dtype}: logits err {result.logits_err:.3e} "
-        f"(bound {result.logits_bound:.3e}), worst grad {result.worst_grad} err {result.grad_err:.3e} "
+        f"(bound {result.logits_bound:.3e}), worst grad {result.worst_grad} err {result.grad_err:.3e} ({result.why}) "
         f"(bound {result.grad_bound:.3e})"
     )
 

@@ -17,6 +17,8 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from qwenvl.release_bugs import GLM_MOE_BUGS, OMNI_BUGS, ReleaseBug, UpstreamLimit, glm_bugs
+
 __all__ = [
     "FamilySpec",
     "SpecialTokens",
@@ -26,6 +28,7 @@ __all__ = [
     "get_family",
     "family_of_model",
     "UnknownFamilyError",
+    "UpstreamLimit",
 ]
 
 
@@ -65,94 +68,6 @@ class SpecialTokens:
         """Every config key named here, once, in field order."""
         names = (self.image, self.video, self.start, self.end, self.video_start, self.video_end)
         return tuple(dict.fromkeys(name for name in names if name is not None))
-
-
-@dataclass(frozen=True)
-class ReleaseBug:
-    """What some transformers releases cannot run at all for a family, patched or not, and why (the bug named).
-
-    ``what`` is one of:
-        "mixed"          images and videos in one forward (the samples then go to separate rows)
-        "videos"         any video
-        "float64"        the model in float64 (no float64 oracle on the CPU)
-        "four_rows"      4-row positions of an unpacked row (one sample: an ordinary call, left to the model)
-        "unmasked"       an ordinary forward with neither an attention mask nor a cache
-        "router_logits"  ``output_router_logits=True`` (the MoE router loss)
-    """
-
-    since: str  # the first release with the bug
-    until: str  # the first release without it (or the first later one known to be fixed)
-    what: str
-    bug: str
-
-    def applies(self, version: str) -> bool:
-        from packaging.version import Version
-
-        return Version(self.since) <= Version(Version(version).base_version) < Version(self.until)
-
-
-def _glm_bugs(prefix: str) -> tuple[ReleaseBug, ...]:
-    return (
-        ReleaseBug(
-            "4.57.0",
-            "5.0.0",
-            "four_rows",
-            f"{prefix}Model.forward takes (3, B, L) position_ids only: 4-row [text; t; h; w] positions of an unpacked "
-            "row reach the rotary embedding and fail there (5.0 reads the 4-row form)",
-        ),
-        ReleaseBug(
-            "4.57.0",
-            "5.0.0",
-            "unmasked",
-            f"{prefix}TextModel.forward hands its (3, B, L) mrope positions to create_causal_mask, which expects "
-            "(B, L) when a forward has neither an attention mask nor a cache: an expand() error (5.0 passes the "
-            "text row)",
-        ),
-    )
-
-
-_GLM_MOE_BUGS = (
-    ReleaseBug(
-        "4.57.0",
-        "5.0.0",
-        "float64",
-        "Glm4vMoeTextMoE.moe adds the experts' outputs into a buffer of the router weights' dtype, always float32: "
-        "index_add_ refuses float64 outputs (the MoE block was rewritten in 5.0)",
-    ),
-    ReleaseBug(
-        "5.0.0",
-        "5.10.4",
-        "router_logits",
-        "Glm4vMoeForConditionalGeneration.forward reads outputs.router_logits, a field its model output "
-        "(Glm4vMoeModelOutputWithPast) lacks: output_router_logits=True raises AttributeError (fixed by 5.10.4)",
-    ),
-)
-
-_OMNI_BUGS = (
-    ReleaseBug(
-        "4.57.0",
-        "5.0.0",
-        "mixed",
-        "Qwen3OmniMoeThinkerForConditionalGeneration.forward joins the image and video deepstack features with masks "
-        "expanded to (B, L, hidden): a shape mismatch whenever a forward holds both (huggingface/transformers#41680, "
-        "fixed in 5.0 by #41741)",
-    ),
-    ReleaseBug(
-        "5.0.0",
-        "5.1.0",
-        "videos",
-        "Qwen3OmniMoeThinkerForConditionalGeneration.forward unpacks get_video_features(...).pooler_output into two "
-        "values: 'too many values to unpack' for any video (huggingface/transformers#43540, fixed by #43588)",
-    ),
-    ReleaseBug(
-        "5.0.0",
-        "5.10.4",
-        "router_logits",
-        "Qwen3OmniMoeThinkerTextModel records router_logits as output 1 of its sparse MoE block, which returns the "
-        "hidden states alone: output_router_logits=True fails in load_balancing_loss_func ('Class values must be "
-        "smaller than num_classes'; fixed by 5.10.4)",
-    ),
-)
 
 
 _GLM_TOKENS = SpecialTokens(
@@ -215,7 +130,7 @@ class FamilySpec:
         tokens: the config keys of the layout's special token ids (``SpecialTokens``; GLM-4V names them
             differently, reuses the image placeholder for video frames and wraps a video in its own pair).
         release_bugs: what some releases cannot run at all for this family, unpatched (``ReleaseBug``): the
-            harness refuses those inputs naming the bug (``qwenvl.verify.batches.UpstreamLimit``) and the tests
+            harness refuses those inputs naming the bug (``qwenvl.release_bugs.UpstreamLimit``) and the tests
             skip them, instead of a crash deep inside transformers.
     """
 
@@ -388,7 +303,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
-        release_bugs=_glm_bugs("Glm4v"),
+        release_bugs=glm_bugs("Glm4v"),
     ),
     FamilySpec(
         name="glm4v_moe",
@@ -404,7 +319,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
-        release_bugs=_glm_bugs("Glm4vMoe") + _GLM_MOE_BUGS,
+        release_bugs=glm_bugs("Glm4vMoe") + GLM_MOE_BUGS,
     ),
     # Qwen3-Omni-MoE's thinker: the part that reads text, images, videos (and audio) and writes text; the talker
     # and the code2wav vocoder are not trained on packed rows here. Its config's model_type names the family.
@@ -422,7 +337,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         deepstack_mergers="merger_list",
         other_towers=("audio_tower",),
         moe_block="Qwen3OmniMoeThinkerTextSparseMoeBlock",
-        release_bugs=_OMNI_BUGS,
+        release_bugs=OMNI_BUGS,
     ),
 )
 

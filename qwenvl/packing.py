@@ -249,7 +249,7 @@ def position_ids_to_cu_seqlens(position_ids_T: torch.Tensor) -> torch.Tensor:
 #   upstream      attention_mask = cu_seqlens (int32, (S+1,)), position_ids (3, 1, T) restarting per sample
 #   hf_positions  no mask, 4-row position_ids [text; t; h; w] whose text row restarts at 0 per sample
 #   hf_kwargs     the 4-row positions plus cu_seq_lens_q/k and max_length_q/k (transformers' flash kwargs)
-# The collators build the first two (qwenvl.data.collators.CONVENTIONS); qwenvl verify checks all three.
+# The collators build all three (qwenvl.data.PackedCollator), the trainer takes any, and qwenvl verify checks each.
 CONVENTIONS = ("upstream", "hf_positions", "hf_kwargs")
 
 # The label that no loss sees (transformers' and torch's cross-entropy default).

@@ -101,10 +101,11 @@ def build_family(family: str) -> tuple[dict, dict]:
     samples = batch.samples
     names = golden.selected_parameters(model)
 
-    ref_logits, ref_grads = golden.run_unpatched(golden.float64_copy(model), batch, names)
-    pt_logits, pt_grads = golden.run_unpatched(model, batch, names)
+    weights = golden.loss_weights(batch.input_ids.shape[1], model.config.text_config.vocab_size)
+    ref_logits, ref_grads = golden.run_alone(golden.float64_copy(model), [batch], weights, names=names)
+    pt_logits, pt_grads = golden.run_alone(model, [batch], weights, names=names)
     with record_attention() as calls:
-        packed_logits, packed_grads = golden.run_patched(model, rows, names)
+        packed_logits, packed_grads = golden.run_packed(model, rows, weights, names=names, backend="sdpa")
     verdict = golden.compare(packed_logits, packed_grads, ref_logits, ref_grads, pt_logits, pt_grads)
     if not verdict.passed:
         raise NotExact(f"the patched packed row is not exact under this release ({verdict.why})")

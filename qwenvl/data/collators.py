@@ -16,7 +16,9 @@ One packed row, upstream convention (three samples, T = 4 + 3 + 2)::
     pixel_values    a's patches, b's, c's (sample order); image_grid_thw likewise
 
 ``convention="hf_positions"`` sends no mask and 4-row positions ``[text; t; h; w]`` whose text row restarts
-at 0 per sample (transformers' packed form).
+at 0 per sample (transformers' packed form); ``"hf_kwargs"`` adds transformers' flash kwargs to those
+(``cu_seq_lens_q/k`` and ``max_length_q/k``). ``qwenvl verify`` and the synthetic batches of the tests and
+benchmarks (``qwenvl.data.synthetic``) build their rows here too: there is one packed row.
 """
 
 from __future__ import annotations
@@ -25,14 +27,11 @@ from typing import Any, Sequence
 
 import torch
 
-from qwenvl.packing import CONVENTIONS as ALL_CONVENTIONS
-from qwenvl.packing import IGNORE_INDEX, cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
+from qwenvl.packing import CONVENTIONS, IGNORE_INDEX, cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
 
 __all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-# What the collators build (hf_kwargs rows carry the same 4-row positions plus flash kwargs: verify builds them).
-CONVENTIONS = tuple(c for c in ALL_CONVENTIONS if c != "hf_kwargs")
 
 
 def _flatten(items: Sequence[Any]) -> list[dict]:
@@ -63,8 +62,9 @@ class PackedCollator:
     """All samples of a batch as one packed row ``(1, T)``; see the module docstring for the layout.
 
     Args:
-        convention: ``"upstream"`` (cu_seqlens as ``attention_mask``, ``(3, 1, T)`` positions) or
-            ``"hf_positions"`` (no mask, ``(4, 1, T)`` positions with the text row restarting per sample).
+        convention: ``"upstream"`` (cu_seqlens as ``attention_mask``, ``(3, 1, T)`` positions),
+            ``"hf_positions"`` (no mask, ``(4, 1, T)`` positions with the text row restarting per sample) or
+            ``"hf_kwargs"`` (those positions plus ``cu_seq_lens_q/k``, ``max_length_q/k``).
     """
 
     def __init__(self, convention: str = "upstream") -> None:
@@ -88,9 +88,12 @@ class PackedCollator:
         if self.convention == "upstream":
             batch["attention_mask"] = cu_seqlens
             batch["position_ids"] = positions_3T[:, None, :]
-        else:
-            text_T = cu_seqlens_to_position_ids(cu_seqlens, int(lengths.sum())).to(positions_3T.dtype)
-            batch["position_ids"] = torch.cat([text_T[None], positions_3T])[:, None, :]
+            return batch
+        text_T = cu_seqlens_to_position_ids(cu_seqlens, int(lengths.sum())).to(positions_3T.dtype)
+        batch["position_ids"] = torch.cat([text_T[None], positions_3T])[:, None, :]
+        if self.convention == "hf_kwargs":
+            longest = int(lengths.max())
+            batch.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
         return batch
 
 

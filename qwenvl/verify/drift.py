@@ -1,5 +1,5 @@
-"""The verdicts of the golden check: one output judged against a reference by the tolerance rule (``compare``,
-giving a ``Comparison``), the status a family gets from its three comparisons (``classify``: exact, transformers
+"""The verdicts of the golden check: one output judged against a reference by the tolerance rule (``compare``:
+``qwenvl.verify.runs.judge_runs``, as for every case, giving a ``Comparison``), the status a family gets from its three comparisons (``classify``: exact, transformers
 changed, our patch differs), the result of one family (``FamilyDrift``) and of the whole check (``GoldenReport``),
 and the drift a person has looked at and explained (``KNOWN_DRIFT``). What the statuses mean is told in
 ``qwenvl.verify.golden``'s docstring.
@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from qwenvl.tolerances import judge, tolerance
+from qwenvl.tolerances import tolerance
+from qwenvl.verify.runs import Comparison, judge_runs
 
 __all__ = [
     "KNOWN_DRIFT",
@@ -49,25 +50,6 @@ MISSING = "no golden"
 ERROR = "error"
 
 
-@dataclass
-class Comparison:
-    """One output against a reference by the rule: the worst logits and gradient errors with their bounds."""
-
-    logits_err: float
-    logits_bound: float
-    grad_err: float
-    grad_bound: float
-    worst_grad: str
-    passed: bool
-    why: str = ""
-
-    @property
-    def ratio(self) -> float:
-        """The worst error over its bound (<= 1 passes)."""
-        ratios = [e / b if b > 0 else (0.0 if e == 0 else float("inf")) for e, b in ((self.logits_err, self.logits_bound), (self.grad_err, self.grad_bound))]
-        return max(ratios)
-
-
 def compare(
     logits: torch.Tensor,
     grads: dict[str, torch.Tensor],
@@ -76,32 +58,8 @@ def compare(
     pt_logits: torch.Tensor,
     pt_grads: dict[str, torch.Tensor],
 ) -> Comparison:
-    """``qwenvl.tolerances.judge`` on the logits and on each gradient (cpu/float32 k and absolute cap)."""
-    tol = tolerance("cpu", torch.float32)
-    if logits.shape != ref_logits.shape:
-        return Comparison(float("inf"), 0.0, float("inf"), 0.0, "", False, f"logits shape {tuple(logits.shape)} != {tuple(ref_logits.shape)}")
-    verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
-    passed, why = verdict.passed, "" if verdict.passed else "logits"
-    largest = verdict.err
-    grad_err, grad_bound, worst = 0.0, 0.0, ""
-    missing = sorted(set(ref_grads) - set(grads))
-    if missing:
-        passed, why = False, f"parameters missing on this release: {', '.join(missing[:3])}"
-    for name, ref in ref_grads.items():
-        if name not in grads:
-            continue
-        if grads[name].shape != ref.shape:
-            passed, why = False, f"{name}: shape {tuple(grads[name].shape)} != {tuple(ref.shape)}"
-            continue
-        g = judge(grads[name], ref, pt_grads[name], k=tol.k_grad)
-        if not g.passed:
-            passed, why = False, why or f"gradient of {name}"
-        if not worst or g.err - g.bound > grad_err - grad_bound:
-            grad_err, grad_bound, worst = g.err, g.bound, name
-        largest = max(largest, g.err)
-    if tol.model_atol is not None and largest >= tol.model_atol and passed:
-        passed, why = False, f"absolute error {largest:.2e} >= model_atol {tol.model_atol:.0e}"
-    return Comparison(verdict.err, verdict.bound, grad_err, grad_bound, worst, passed, why)
+    """``qwenvl.verify.runs.judge_runs`` with the cpu/float32 k and absolute cap (the golden runs' setting)."""
+    return judge_runs(tolerance("cpu", torch.float32), (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads))
 
 
 @dataclass

@@ -104,7 +104,8 @@ from qwenvl.verify.golden_files import (
     sha256,
 )
 from qwenvl.verify.golden_rows import concat_rows, golden_batch, golden_rows
-from qwenvl.verify.golden_runs import float64_copy, golden_model, one_thread, run_patched, run_unpatched
+from qwenvl.verify.golden_runs import float64_copy, golden_model, one_thread
+from qwenvl.verify.runs import run_alone, run_packed
 
 __all__ = [
     "GOLDEN_SPECS",
@@ -135,8 +136,8 @@ __all__ = [
     "concat_rows",
     "loss_weights",
     "selected_parameters",
-    "run_unpatched",
-    "run_patched",
+    "run_alone",
+    "run_packed",
     "compare",
     "check_family",
     "check_golden",
@@ -213,9 +214,10 @@ def _run(family: str, tensors: dict[str, torch.Tensor], batch: PackedBatch, *, f
     model = golden_model(family)
     rows, index = golden_rows(batch, row_starts, config=None if mixes_media(family) else model.config)
     positions_same = _positions_same(model, batch)
-    here_ref = run_unpatched(float64_copy(model), batch, names) if float64 else None
-    unpatched = run_unpatched(model, batch, names)
-    patched = run_patched(model, rows, names, index=index)
+    weights = loss_weights(batch.input_ids.shape[1], model.config.text_config.vocab_size)
+    here_ref = run_alone(float64_copy(model), [batch], weights, names=names) if float64 else None
+    unpatched = run_alone(model, [batch], weights, names=names)
+    patched = run_packed(model, rows, weights, index=index, names=names, backend="sdpa")
     return _Runs(unpatched, patched, here_ref, positions_same)
 
 

@@ -22,18 +22,17 @@ from typing import Sequence
 import torch
 
 from qwenvl.families import get_family
-from qwenvl.tolerances import judge, reference_dtype, tolerance
+from qwenvl.tolerances import reference_dtype, tolerance
 from qwenvl.verify.batches import (
-    Sample,
     SampleSpec,
     UpstreamLimit,
     make_sample,
     pack,
     release_run,
-    sample_inputs,
     split_by_media,
 )
 from qwenvl.verify.routing import RoutingPin
+from qwenvl.verify.runs import judge_runs, run_alone, run_packed
 
 __all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
 
@@ -69,6 +68,7 @@ class CaseResult:
     # oracle's, had it not been pinned to it (qwenvl.verify.routing); 0 elsewhere.
     routing_flips: int = 0
     yardstick_routing_flips: int = 0
+    why: str = ""  # what failed (qwenvl.verify.runs.judge_runs), empty when passed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,37 +77,6 @@ class CaseResult:
 def _token_weights(total: int, vocab: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(total, vocab, generator=gen, dtype=torch.float64) / total).to(device)
-
-
-def _alone(model, samples: Sequence[Sample], weights: torch.Tensor, device):
-    """Logits (T, V) and parameter gradients of each sample run alone, unpatched."""
-    model.zero_grad(set_to_none=True)
-    logits, start = [], 0
-    for sample in samples:
-        out = model(**sample_inputs(model, sample, device), use_cache=False).logits[0]
-        w = weights[start : start + len(sample)].to(out.dtype)
-        (out * w).sum().backward()
-        logits.append(out.detach())
-        start += len(sample)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return torch.cat(logits), grads
-
-
-def _packed(model, batches, weights: torch.Tensor, convention: str, backend: str, device, linear_backend: str, compile: bool):
-    """Logits (T, V) and parameter gradients of the packed rows, one patched forward each, in order."""
-    import qwenvl
-
-    model.zero_grad(set_to_none=True)
-    logits, start = [], 0
-    with qwenvl.patch(model, backend=backend, linear_backend=linear_backend, compile=compile):
-        for batch in batches:
-            out = model(**batch.to(device).model_inputs(convention)).logits[0]
-            w = weights[start : start + out.shape[0]]
-            (out * w.to(out.dtype)).sum().backward()
-            logits.append(out.detach())
-            start += out.shape[0]
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return torch.cat(logits), grads
 
 
 def run_case(
@@ -134,29 +103,25 @@ def run_case(
     base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
     gen = torch.Generator().manual_seed(seed)
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
-    samples = [sample for row in rows for sample in row]  # the order the packed rows give their logits in
-    batches = [pack(base, row) for row in rows]
+    batches = [pack(base, row) for row in rows]  # the samples alone run in this order too
     total = sum(batch.input_ids.shape[1] for batch in batches)
     weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
 
     ref_model = _reference_model(base, device, dtype)
     model = base.to(device=device, dtype=dtype)
 
-    def run_alone(m):
-        return _alone(m, [_to_dtype(s, m) for s in samples], weights, device)
-
     pin = _routing_pin(family, base.config)
     with pin.record(ref_model):
-        ref_logits, ref_grads = run_alone(ref_model)
+        ref = run_alone(ref_model, batches, weights, device=device)
     with pin.replay(model):
-        pt_logits, pt_grads = run_alone(model)
+        pt = run_alone(model, batches, weights, device=device)
     pt_flips = pin.flips
-    batches = [_batch_to_dtype(batch, dtype) for batch in batches]
+    options = {"backend": backend, "linear_backend": linear_backend, "compile": compile}
     with pin.replay(model):
-        logits, grads = _packed(model, batches, weights, convention, backend, device, linear_backend, compile)
+        out = run_packed(model, batches, weights, convention=convention, device=device, **options)
     flips = pin.flips
 
-    verdict = _judge(tolerance(device, dtype), (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads))
+    verdict = judge_runs(tolerance(device, dtype), out, ref, pt)
     return CaseResult(
         family=family,
         backend=backend,
@@ -164,8 +129,14 @@ def run_case(
         dtype=str(dtype).removeprefix("torch."),
         convention=convention,
         tokens=total,
-        samples=len(samples),
-        **verdict,
+        samples=sum(len(batch.items) for batch in batches),
+        logits_err=verdict.logits_err,
+        logits_bound=verdict.logits_bound,
+        grad_err=verdict.grad_err,
+        grad_bound=verdict.grad_bound,
+        worst_grad=verdict.worst_grad,
+        passed=verdict.passed,
+        why=verdict.why,
         routing_flips=flips,
         yardstick_routing_flips=pt_flips,
     )
@@ -193,55 +164,3 @@ def _reference_model(base, device, dtype: torch.dtype):
         # transformers 5.x runs MoE experts through grouped_mm, which has no float64 kernel.
         ref_model.set_experts_implementation("eager")
     return ref_model
-
-
-def _judge(tol, out: tuple, ref: tuple, pt: tuple) -> dict:
-    """The rule (``qwenvl.tolerances.judge``) on the logits and every gradient of ``out`` against the oracle ``ref``,
-    yardstick ``pt`` (each ``(logits, gradients)``): the worst gradient is the one furthest over (or least under)
-    its bound, the later one on a tie; with ``tol.model_atol`` every absolute error must also stay under it. The
-    ``CaseResult`` fields of the verdict."""
-    (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads) = out, ref, pt
-    logits_verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
-    passed = logits_verdict.passed
-    grad_err, grad_bound, worst = 0.0, 0.0, ""
-    if set(grads) != set(ref_grads):
-        passed = False
-        worst = f"gradient sets differ: {sorted(set(grads) ^ set(ref_grads))[:3]}"
-    for name, ref_grad in ref_grads.items():
-        if name not in grads:
-            continue
-        verdict = judge(grads[name], ref_grad, pt_grads[name], k=tol.k_grad)
-        passed = passed and verdict.passed
-        if verdict.err - verdict.bound >= grad_err - grad_bound or not worst:
-            grad_err, grad_bound, worst = verdict.err, verdict.bound, name
-    if tol.model_atol is not None:
-        largest = max((judge(grads[n], ref_grads[n], pt_grads[n], k=0).err for n in grads if n in ref_grads), default=0.0)
-        passed = passed and logits_verdict.err < tol.model_atol and largest < tol.model_atol
-    return {
-        "logits_err": logits_verdict.err,
-        "logits_bound": logits_verdict.bound,
-        "grad_err": grad_err,
-        "grad_bound": grad_bound,
-        "worst_grad": worst,
-        "passed": passed,
-    }
-
-
-def _to_dtype(sample: Sample, model) -> Sample:
-    dtype = next(model.parameters()).dtype
-    return Sample(
-        input_ids=sample.input_ids,
-        pixel_values=None if sample.pixel_values is None else sample.pixel_values.to(dtype),
-        image_grid_thw=sample.image_grid_thw,
-        pixel_values_videos=None if sample.pixel_values_videos is None else sample.pixel_values_videos.to(dtype),
-        video_grid_thw=sample.video_grid_thw,
-    )
-
-
-def _batch_to_dtype(batch, dtype):
-    moved = copy.copy(batch)
-    if batch.pixel_values is not None:
-        moved.pixel_values = batch.pixel_values.to(dtype)
-    if batch.pixel_values_videos is not None:
-        moved.pixel_values_videos = batch.pixel_values_videos.to(dtype)
-    return moved
