@@ -12,7 +12,8 @@
     verify -- <release>         `qwenvl verify` on any release (not default)
     lock(tf-<release>)          rewrite locks/tf-<release>.txt (not default)
 
-Versions come from pyproject.toml ([tool.qwenvl]): the transformers release matrix and the CPU torch wheel.
+The transformers release matrix is qwenvl.patches._versions.TESTED_VERSIONS, read from that file (nox needs no
+qwenvl installed); the CPU torch wheel is pyproject.toml's [tool.qwenvl] torch-cpu.
 Every session that installs the project installs it under `locks/tf-<release>.txt`: the exact versions of
 everything the tests import, so a new release of a test library cannot change what CI runs. `nox -s lock`
 writes those files again from what the registry serves today (then run `nox -t ci` and commit them).
@@ -20,6 +21,7 @@ writes those files again from what the registry serves today (then run `nox -t c
 
 from __future__ import annotations
 
+import ast
 import site
 from pathlib import Path
 
@@ -30,9 +32,19 @@ nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
 _PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
-_CONFIG = _PYPROJECT["tool"]["qwenvl"]
-MATRIX = _CONFIG["transformers-matrix"]
-TORCH_CPU = _CONFIG["torch-cpu"]
+TORCH_CPU = _PYPROJECT["tool"]["qwenvl"]["torch-cpu"]
+
+
+def _tested_versions() -> list[str]:
+    """``TESTED_VERSIONS`` of qwenvl/patches/_versions.py, read as a literal (importing it would need qwenvl)."""
+    module = ast.parse((ROOT / "qwenvl" / "patches" / "_versions.py").read_text())
+    for node in module.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["TESTED_VERSIONS"]:
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("qwenvl/patches/_versions.py has no TESTED_VERSIONS = (...) line")
+
+
+MATRIX = _tested_versions()
 OLDEST, NEWEST = MATRIX[0], MATRIX[-1]
 # Every extra a locked session installs: the locks pin jax and ruff too.
 LOCK_EXTRAS = "test,train,jax,lint"

@@ -30,10 +30,11 @@ GOLDEN = ROOT / "fixtures" / "golden"
 
 def pinned_versions() -> tuple[str, str]:
     """(transformers, torch) the goldens are written under: the newest release of the matrix, the CPU torch pin."""
-    # Two keys of [tool.qwenvl], read without tomllib (Python 3.10 has none).
+    from qwenvl.patches._versions import TESTED_VERSIONS
+
+    # [tool.qwenvl] torch-cpu, read without tomllib (Python 3.10 has none).
     text = (ROOT / "pyproject.toml").read_text()
-    matrix = re.findall(r'"([^"]+)"', re.search(r"transformers-matrix\s*=\s*\[([^\]]*)\]", text).group(1))
-    return matrix[-1], re.search(r'torch-cpu\s*=\s*"([^"]+)"', text).group(1)
+    return TESTED_VERSIONS[-1], re.search(r'torch-cpu\s*=\s*"([^"]+)"', text).group(1)
 
 
 class NotExact(RuntimeError):

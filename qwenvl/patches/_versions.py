@@ -17,7 +17,8 @@ __all__ = [
 
 MIN_VERSION = Version("4.57.0")
 MAX_VERSION_EXCLUSIVE = Version("6.0.0")
-# The releases the parity matrix runs (pyproject.toml [tool.qwenvl] transformers-matrix).
+# The release matrix, its one list: the releases the parity tests run on (noxfile.py reads this line; each has
+# its locks/tf-<release>.txt). The first is the oldest supported, the last the newest tested (the goldens' pin).
 TESTED_VERSIONS = ("4.57.6", "5.0.0", "5.10.4", "5.24.0", "5.25.0")
 
 
