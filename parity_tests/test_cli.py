@@ -16,7 +16,7 @@ from qwenvl.patches import active_patch
 
 def test_verify_passes_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = cli.main(["verify", "--family", "qwen2_vl", "--convention", "upstream", "--json", str(out)])
+    code = cli.main(["verify", "--family", "qwen2_vl", "--packing_convention", "upstream", "--json", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert code == 0 and report["passed"]
@@ -38,7 +38,7 @@ def test_verify_exits_non_zero_when_a_case_fails(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(parity, "run_case", broken)
     out = tmp_path / "report.json"
-    code = cli.main(["verify", "--family", "qwen3_vl", "--backend", "sdpa", "--convention", "hf_kwargs", "--json", str(out)])
+    code = cli.main(["verify", "--family", "qwen3_vl", "--backend", "sdpa", "--packing_convention", "hf_kwargs", "--json", str(out)])
     assert code == 1
     report = _strict_json(out)
     assert report["passed"] is False and report["cases"][0]["passed"] is False
@@ -53,7 +53,7 @@ def test_verify_reports_a_crashing_case_as_failed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parity, "run_case", crash)
     out = tmp_path / "report.json"
-    assert cli.main(["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--convention", "upstream", "--json", str(out)]) == 1
+    assert cli.main(["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream", "--json", str(out)]) == 1
     case = _strict_json(out)["cases"][0]
     assert case["passed"] is False and "RuntimeError: boom" in case["error"]
     assert case["logits_err"] is None and case["grad_bound"] is None
@@ -109,7 +109,7 @@ BAD = [
     pytest.param(["--backend", "nope"], ["'nope'", *_choices("auto", *BACKENDS)], id="backend"),
     pytest.param(["--dtype", "float64"], ["'float64'", *_choices("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")], id="dtype"),
     pytest.param(["--device", "tpu"], ["'tpu'", *_choices("cpu", "cuda")], id="device"),
-    pytest.param(["--convention", "packed"], ["'packed'", *_choices(*cli.CONVENTIONS)], id="convention"),
+    pytest.param(["--packing_convention", "packed"], ["'packed'", *_choices(*cli.CONVENTIONS)], id="convention"),
     pytest.param(
         ["--dtype", "fp16"],
         ["float16 on cpu has no tolerance entry", "cpu: float32, bfloat16", "cuda: float32, bfloat16, float16"],
@@ -149,7 +149,7 @@ def test_unsupported_transformers_is_one_line(run_calls, monkeypatch, tmp_path, 
     import qwenvl.patches._versions as versions
 
     monkeypatch.setattr(versions, "installed_version", lambda: "4.40.0")
-    code = cli.main(["verify", "--family", "qwen2_vl", "--convention", "upstream", "--json", str(tmp_path / "r.json")])
+    code = cli.main(["verify", "--family", "qwen2_vl", "--packing_convention", "upstream", "--json", str(tmp_path / "r.json")])
     out, err = capsys.readouterr()
     assert code == 2 and run_calls == [] and out == ""
     assert err.splitlines() == [err.strip()] and "4.40.0" in err and ">=4.57.0,<6.0.0" in err and "Traceback" not in err
@@ -158,14 +158,14 @@ def test_unsupported_transformers_is_one_line(run_calls, monkeypatch, tmp_path, 
 @pytest.mark.parametrize("short, long", [("fp32", "float32"), ("bf16", "bfloat16")])
 def test_dtype_aliases(short, long, run_calls, tmp_path):
     for name in (short, long):
-        argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--convention", "upstream", "--dtype", name]
+        argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream", "--dtype", name]
         assert cli.main([*argv, "--json", str(tmp_path / "r.json")]) == 0
     assert [call[3] for call in run_calls] == [getattr(torch, long)] * 2
 
 
 def test_default_run_says_what_it_skipped_and_why(run_calls, tmp_path, capsys):
     out_path = tmp_path / "r.json"
-    assert cli.main(["verify", "--family", "qwen2_vl", "--convention", "upstream", "--json", str(out_path)]) == 0
+    assert cli.main(["verify", "--family", "qwen2_vl", "--packing_convention", "upstream", "--json", str(out_path)]) == 0
     out = capsys.readouterr().out
     unavailable = {name: unavailable_reason(name, "cpu") for name in BACKENDS}
     ran = {call[1] for call in run_calls}
@@ -187,7 +187,7 @@ def test_non_finite_errors_are_null_in_the_report(monkeypatch, tmp_path):
 
     monkeypatch.setattr(parity, "run_case", _fake_run_case([], logits_err=float("nan"), grad_err=float("inf"), passed=False))
     out = tmp_path / "r.json"
-    assert cli.main(["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--convention", "upstream", "--json", str(out)]) == 1
+    assert cli.main(["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream", "--json", str(out)]) == 1
     case = _strict_json(out)["cases"][0]
     assert case["logits_err"] is None and case["grad_err"] is None and case["passed"] is False
 

@@ -108,7 +108,7 @@ def test_default_verify_cases_cover_every_family(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parity, "run_case", record)
     out = tmp_path / "report.json"
-    assert cli.main(["verify", "--backend", "sdpa", "--device", "cpu", "--convention", "upstream", "--json", str(out)]) == 0
+    assert cli.main(["verify", "--backend", "sdpa", "--device", "cpu", "--packing_convention", "upstream", "--json", str(out)]) == 0
     # Every family either runs or is skipped with its reason (not in this release; no float64 oracle on this device).
     # A family run with a limit that leaves it running (videos left out) is named too, and runs.
     entries = [entry for entry in json.loads(out.read_text())["skipped"] if "family" in entry]

@@ -104,14 +104,14 @@ def test_a_packed_batch_reaching_an_unpatched_model_is_refused():
         _refuse_unpatched_packed(model, batch)
 
 
-def test_attention_backend_help_names_every_backend():
-    # run.py keeps its help static (it imports no torch before --help prints): the registry is the source.
+def test_backend_help_names_every_backend():
+    # qwenvl train's --backend is PatchOptions' field (HfArgumentParser reads its help): the registry is the source.
     from dataclasses import fields
 
     from qwenvl.attention._registry import BACKENDS
-    from qwenvl.train.run import ModelArguments
+    from qwenvl.options import PatchOptions
 
-    help_text = next(f for f in fields(ModelArguments) if f.name == "attention_backend").metadata["help"]
+    help_text = next(f for f in fields(PatchOptions) if f.name == "backend").metadata["help"]
     assert all(name in help_text for name in ["auto", *BACKENDS]), help_text
 
 

@@ -199,7 +199,7 @@ def test_verify_reports_golden_coverage_and_a_last_line(fake_cases, tmp_path, ca
     from qwenvl import cli
 
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    argv = ["verify", "--family", "qwen2_vl", "--convention", "upstream", "--json", str(out), "--markdown", str(md)]
+    argv = ["verify", "--family", "qwen2_vl", "--packing_convention", "upstream", "--json", str(out), "--markdown", str(md)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
     report = json.loads(out.read_text())
@@ -223,7 +223,7 @@ def test_verify_fails_when_our_patch_differs_from_the_goldens(fake_cases, tmp_pa
 
     real = _dispatch.varlen_attention
     monkeypatch.setattr(_dispatch, "varlen_attention", lambda *a, **k: real(*a, **{**k, "causal": False}))
-    argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--convention", "upstream", "--json", str(tmp_path / "r.json")]
+    argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream", "--json", str(tmp_path / "r.json")]
     assert cli.main(argv) == 1
     last = capsys.readouterr().out.splitlines()[-1]
     assert "0/1 families exact" in last and "do not train packed" in last and "qwen2_vl" in last

@@ -49,10 +49,10 @@ def test_default_run_trains_and_leaves_a_checkpoint_that_reloads(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_regions_and_fused_loss_train_like_the_plain_run(tmp_path):
-    # --compile_regions and --fused_cross_entropy change how the step is computed, not what: the logged losses
+    # --compile and --fused_cross_entropy change how the step is computed, not what: the logged losses
     # (transformers rounds them to 4 decimals) agree with the plain run's to that rounding.
     plain = _train(tmp_path, "plain", "--max_steps", "3")
-    fast = _train(tmp_path, "fast", "--max_steps", "3", "--compile_regions", "True", "--fused_cross_entropy", "True")
+    fast = _train(tmp_path, "fast", "--max_steps", "3", "--compile", "True", "--fused_cross_entropy", "True")
     assert plain[0] == 0 and fast[0] == 0
     losses = [[e["loss"] for e in run[1]["log_history"] if "loss" in e] for run in (plain, fast)]
     assert len(losses[0]) == len(losses[1]) == 3
@@ -116,12 +116,12 @@ def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
     [
         (["--packing_convention", "hf_kwargs"], "--packing_convention 'hf_kwargs' is not one of upstream, hf_positions"),
         (["--dtype", "fp8"], "--dtype 'fp8' is not one of float32, bfloat16, float16"),
-        (["--attention_backend", "nope"], "--attention_backend 'nope' is not one of auto, "),
+        (["--backend", "nope"], "--backend 'nope' is not one of auto, "),
         (["--pack_budget", "100", "--model_max_length", "200"], "--pack_budget 100 is below --model_max_length 200"),
         (["--tune_mm_llm", "False", "--tune_mm_mlp", "False"], "nothing to train"),
         (["--per-device-train-batch-size", "4"], "with packing a batch is one packed row"),
         (["--linear_backend", "nope"], "--linear_backend 'nope' is not one of auto, segments, batched, torch, fla"),
-        (["--compile_regions", "True", "--torch_compile", "True"], "--compile_regions and --torch_compile both compile"),
+        (["--compile", "True", "--torch_compile", "True"], "--compile and --torch_compile both compile"),
     ],
 )
 def test_bad_options_are_refused_up_front(tmp_path, capsys, args, message):

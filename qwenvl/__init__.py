@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "VarlenMeta", "varlen_attention", "__version__"]
+__all__ = ["patch", "PatchOptions", "VarlenMeta", "varlen_attention", "__version__"]
 
 from qwenvl._checkout import CheckoutPath
 
@@ -28,6 +28,10 @@ def __getattr__(name):
         from qwenvl.patches import patch
 
         return patch
+    if name == "PatchOptions":
+        from qwenvl.options import PatchOptions
+
+        return PatchOptions
     if name == "VarlenMeta":
         from qwenvl.packing import VarlenMeta
 

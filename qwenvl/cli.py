@@ -2,7 +2,9 @@
 ``qwenvl train`` fine-tunes on packed batches (``qwenvl.train.run``).
 
 Every option of ``qwenvl verify`` is checked before the first case runs (``qwenvl.verify.plan``): a bad value is one
-line naming it and the valid choices, exit status 2. What the default run leaves out on this machine (a backend that
+line naming it and the valid choices, exit status 2. The options ``qwenvl.patch`` takes have its names here too
+(``--backend``, ``--linear_backend``, ``--compile``, ``--fused_cross_entropy``: ``qwenvl.options``), each option is
+spelled with ``_`` or ``-``, and an old name (``--convention``) still works with a note. What the default run leaves out on this machine (a backend that
 cannot run on a device, a device that is absent) and what this release cannot run is printed with the reason before
 the cases start. This module defines the options, runs the planned cases (``qwenvl.verify.parity.run_case``) and the
 golden section, and writes the report; what the report says and how it is drawn is ``qwenvl.verify.report``'s.
@@ -20,8 +22,10 @@ import json
 import platform
 import sys
 import time
+from dataclasses import fields
 
-from qwenvl.verify.plan import CONVENTIONS, DEVICES, DTYPE_ALIASES, Plan, all_backends, supported_combos
+from qwenvl.options import CHOICES, PatchOptions, current_names, option_help
+from qwenvl.verify.plan import CONVENTIONS, DEVICES, DTYPE_ALIASES, Plan, supported_combos
 from qwenvl.verify.plan import make_plan as _plan
 from qwenvl.verify.plan import specs_for as _specs_for
 
@@ -95,9 +99,7 @@ def _run_one(args, case: tuple[str, str, str, str, str], counter: str) -> dict:
     family, backend, device, dtype_name, convention = case
     start = time.perf_counter()
     try:
-        options = {"compile": True} if args.compile else {}
-        if args.linear_backend != "auto":
-            options["linear_backend"] = args.linear_backend
+        options = _patch_options(args)
         specs = _specs_for(family, transformers.__version__)
         limited = {} if specs == DEFAULT_SPECS else {"specs": specs}  # named in the plan's skipped entries
         dtype = getattr(torch, dtype_name)
@@ -120,6 +122,12 @@ def _run_one(args, case: tuple[str, str, str, str, str], counter: str) -> dict:
         flush=True,
     )
     return row
+
+
+def _patch_options(args) -> dict:
+    """The patch options given besides ``--backend`` (a case's own): ``run_case``'s keywords and report fields."""
+    given = {f.name: (getattr(args, f.name), f.default) for f in fields(PatchOptions) if f.name != "backend"}
+    return {name: value for name, (value, default) in given.items() if value != default}
 
 
 def _golden_section(families: list[str]):
@@ -219,16 +227,15 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     combos = supported_combos()
     dtype_names = list(dict.fromkeys(name for names in combos.values() for name in names))
     aliases = [alias for alias, name in DTYPE_ALIASES.items() if name in dtype_names]
-    backends = ["auto", *all_backends()]
     p.add_argument(
         "--family", action="append", choices=list(FAMILIES), metavar="FAMILY",
         help=f"model family, repeatable; one of: {', '.join(FAMILIES)} (default: all)",
     )
     p.add_argument(
-        "--backend", action="append", choices=backends, metavar="BACKEND",
+        "--backend", action="append", choices=CHOICES["backend"].values, metavar="BACKEND",
         help=(
-            f"varlen attention backend, repeatable; one of: {', '.join(backends)} (default: every backend "
-            "available on each device; the run says which it skipped and why)"
+            f"{option_help('backend')} Repeatable (default: every backend available on each device; the run says "
+            "which it skipped and why)."
         ),
     )
     p.add_argument(
@@ -245,22 +252,27 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
-        "--convention", action="append", choices=CONVENTIONS, metavar="CONVENTION",
+        *_spellings("packing_convention"), action="append", choices=CONVENTIONS, metavar="CONVENTION",
         help=f"packing convention, repeatable; one of: {', '.join(CONVENTIONS)} (default: all)",
     )
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """``qwenvl verify``'s options for how the cases run and what the run reports."""
-    from qwenvl.patches._linear import LINEAR_BACKENDS
+def _spellings(name: str) -> list[str]:
+    """``--name``, and ``--na-me`` where the name has an underscore (as ``HfArgumentParser`` does for ``qwenvl train``)."""
+    return [f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else [])]
 
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``qwenvl verify``'s options for how the cases run (the packed side's patch options) and what the run reports."""
+    p.add_argument("--compile", action="store_true", help=f"{option_help('compile')} Slow to start.")
     p.add_argument(
-        "--compile", action="store_true",
-        help="run the packed side with regional compilation (qwenvl.patch(model, compile=True)); slow to start",
+        *_spellings("linear_backend"), default="auto", choices=CHOICES["linear_backend"].values, metavar="NAME",
+        help=f"{option_help('linear_backend')} Default: auto.",
     )
     p.add_argument(
-        "--linear-backend", default="auto", choices=["auto", *LINEAR_BACKENDS], metavar="NAME",
-        help=f"Gated DeltaNet layers of hybrid families; one of: auto, {', '.join(LINEAR_BACKENDS)} (default: auto)",
+        *_spellings("fused_cross_entropy"), action="store_true",
+        help=f"{option_help('fused_cross_entropy')} The packed side then trains on labels (the oracle takes the same "
+        "loss) and the loss is judged in place of the logits.",
     )
     p.add_argument(
         "--json", default="qwenvl-verify.json", metavar="PATH",
@@ -271,11 +283,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="also write the report as Markdown (summary, backend/device coverage, golden drift, cases)",
     )
     p.add_argument(
-        "--no-golden", action="store_true",
+        *_spellings("no_golden"), action="store_true",
         help="skip the golden section (each family against the tensors recorded under the pinned release)",
     )
     p.add_argument(
-        "--fail-on-drift", action="store_true",
+        *_spellings("fail_on_drift"), action="store_true",
         help="exit 1 when transformers changed a family's outputs in a way not yet explained (a release watch); "
         "by default drift is reported and only our patch differing fails",
     )
@@ -287,6 +299,8 @@ def main(argv=None) -> int:
         from qwenvl.train.run import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        argv = ["verify", *current_names("verify", argv[1:])]
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "verify":

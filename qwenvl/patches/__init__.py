@@ -3,6 +3,7 @@
     handle = qwenvl.patch()                    # every supported family
     handle = qwenvl.patch(model)               # that model's family; its vision tower onto the varlen core
     with qwenvl.patch(backend="torch"): ...    # context-manager form
+    qwenvl.patch(model, options=PatchOptions(compile=True))   # the options as one object (qwenvl.options)
     handle.revert()                            # originals back exactly (``Cls.forward is original``)
 
 What gets touched, per family (see ``qwenvl.families``), all recorded for revert:
@@ -28,11 +29,20 @@ import logging
 from typing import Iterable
 
 from qwenvl.families import FAMILIES, FamilySpec, UnknownFamilyError, family_of_model, get_family
+from qwenvl.options import PatchOptions
 from qwenvl.patches import _dispatch, _linear
 from qwenvl.patches._handle import MISSING, PatchRecorder
 from qwenvl.patches._versions import check_transformers_version
 
-__all__ = ["patch", "PatchHandle", "PatchError", "UnknownFamilyError", "active_patch", "VARLEN_IMPLEMENTATION"]
+__all__ = [
+    "patch",
+    "PatchOptions",
+    "PatchHandle",
+    "PatchError",
+    "UnknownFamilyError",
+    "active_patch",
+    "VARLEN_IMPLEMENTATION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -236,19 +246,71 @@ def _route_vision(model, recorder: PatchRecorder) -> None:
     recorder.setattr(vision_config, "_attn_implementation", wanted)
 
 
-def _per_model(model, recorder: PatchRecorder, *, compile: bool, fused_cross_entropy: bool) -> None:
+def _per_model(model, recorder: PatchRecorder, options: PatchOptions) -> None:
     """What a patch changes on one model instance: its vision routing, compiled regions, fused loss."""
     spec = family_of_model(model)
     _route_vision(model, recorder)
-    if fused_cross_entropy:
+    if options.fused_cross_entropy:
         from qwenvl.patches._loss import install_fused_loss
 
         install_fused_loss(model, recorder, aux_coef_key="router_aux_loss_coef" if spec.aux_loss else None)
-    if compile:
+    if options.compile:
         from qwenvl.patches._compile import compile_regions
 
         count = compile_regions(model, recorder, linear_class=spec.linear_attention)
         logger.info("qwenvl: compiled %d regions of %s", count, type(model).__name__)
+
+
+def _options(model, options: PatchOptions | None, keywords: PatchOptions) -> PatchOptions:
+    """The options of a ``patch`` call: ``options`` or the keywords (checked when made), not both."""
+    if options is not None and keywords != PatchOptions():
+        raise ValueError("pass the options as keywords or as options=PatchOptions(...), not both")
+    options = keywords if options is None else options
+    if options.compile and model is None:
+        raise ValueError("compile=True compiles a model's layers: pass the model, qwenvl.patch(model, compile=True)")
+    if options.fused_cross_entropy and model is None:
+        raise ValueError(
+            "fused_cross_entropy=True replaces a model's loss: pass the model, qwenvl.patch(model, fused_cross_entropy=True)"
+        )
+    return options
+
+
+def _specs(model, families: Iterable[str] | None, version) -> list[FamilySpec]:
+    """The families a ``patch`` call patches, each one the installed release has (else ``PatchError``)."""
+    if model is not None:
+        specs = [family_of_model(model)]
+    elif families is not None:
+        specs = [get_family(name) for name in families]
+    else:
+        specs = [spec for spec in FAMILIES.values() if spec.available(str(version))]
+    lacking = [f"{s.name} (from {s.min_transformers})" for s in specs if not s.available(str(version))]
+    if lacking:
+        raise PatchError(f"transformers {version} has no {', '.join(lacking)}; nothing was changed")
+    return specs
+
+
+def _join_active(model, specs: list[FamilySpec], options: PatchOptions) -> PatchHandle:
+    """Another handle on the active patch, which must have ``options``' backends and cover ``specs``."""
+    for what, active, asked in (
+        ("backend", _ACTIVE.state.backend, options.backend),
+        ("linear_backend", _ACTIVE.state.linear_backend, options.linear_backend),
+    ):
+        if active != asked:
+            raise ValueError(
+                f"a qwenvl patch with {what} {active!r} is already active; revert it before patching with "
+                f"{what} {asked!r}"
+            )
+    missing = [s.name for s in specs if s.name not in _ACTIVE.families]
+    if missing:
+        raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
+    own = PatchRecorder()
+    try:
+        if model is not None:
+            _per_model(model, own, options)
+    except BaseException:
+        own.undo()
+        raise
+    return PatchHandle(_ACTIVE, own)
 
 
 def patch(
@@ -259,76 +321,38 @@ def patch(
     linear_backend: str = "auto",
     compile: bool = False,
     fused_cross_entropy: bool = False,
+    options: PatchOptions | None = None,
 ) -> PatchHandle:
     """Patch the Qwen-VL families for packed batches and return the handle (also a context manager).
 
     Args:
         model: optional model instance (or PEFT wrapper). Its family is patched (an unknown family raises
             ``UnknownFamilyError``) and its vision tower is routed to the varlen core.
-        backend: the varlen backend, see ``qwenvl.attention.available_backends`` ("auto" picks per call).
         families: restrict to these family names (default: every supported family the installed transformers
             has, or the model's). A family the release lacks is refused when named.
-        linear_backend: how hybrid families' linear-attention layers run packed rows: "auto" (flash-linear-attention
-            on CUDA when installed, else "segments"), "segments" (each sample through the original layer), "fla",
-            or "torch" (see ``qwenvl.patches._linear``).
-        compile: compile each decoder layer and vision block of ``model`` on its own (regional compilation,
-            ``qwenvl.patches._compile``); needs ``model``. Reverting restores the eager forwards.
-        fused_cross_entropy: in training with labels, compute ``model``'s loss from the final hidden states and
-            ``lm_head.weight`` without the logits (Liger-Kernel on CUDA, the plain torch loss on CPU;
-            ``qwenvl.patches._loss``); needs ``model``. Sample boundaries of packed rows are never crossed.
+        backend: the varlen attention backend ("auto" picks per call; ``qwenvl.attention.available_backends``).
+        linear_backend: how hybrid families' linear-attention layers run packed rows (``qwenvl.patches._linear``).
+        compile: compile each decoder layer and vision block of ``model`` on its own (``qwenvl.patches._compile``);
+            needs ``model``. Reverting restores the eager forwards.
+        fused_cross_entropy: in training with labels, ``model``'s loss from the final hidden states and
+            ``lm_head.weight`` without the logits (``qwenvl.patches._loss``); needs ``model``.
+        options: the four above as one ``qwenvl.options.PatchOptions`` (then leave them at their defaults); its
+            fields are the names ``qwenvl train`` and ``qwenvl verify`` take too, and say the valid values.
 
     Calling it again while a patch is active returns another handle on the same patch (patching twice is
     harmless, and the patch stays until every handle is reverted); asking for a different backend or more
     families then is an error: revert first.
     """
     global _ACTIVE
-    from qwenvl.attention import BACKENDS
 
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
-    if linear_backend != "auto" and linear_backend not in _linear.LINEAR_BACKENDS:
-        raise ValueError(
-            f"unknown linear_backend {linear_backend!r}; choose one of: auto, {', '.join(_linear.LINEAR_BACKENDS)}"
-        )
-    if compile and model is None:
-        raise ValueError("compile=True compiles a model's layers: pass the model, qwenvl.patch(model, compile=True)")
-    if fused_cross_entropy and model is None:
-        raise ValueError(
-            "fused_cross_entropy=True replaces a model's loss: pass the model, qwenvl.patch(model, fused_cross_entropy=True)"
-        )
+    keywords = PatchOptions(
+        backend=backend, linear_backend=linear_backend, compile=compile, fused_cross_entropy=fused_cross_entropy
+    )
+    options = _options(model, options, keywords)
     version = check_transformers_version()
-
-    if model is not None:
-        specs = [family_of_model(model)]
-    elif families is not None:
-        specs = [get_family(name) for name in families]
-    else:
-        specs = [spec for spec in FAMILIES.values() if spec.available(str(version))]
-    lacking = [f"{s.name} (from {s.min_transformers})" for s in specs if not s.available(str(version))]
-    if lacking:
-        raise PatchError(f"transformers {version} has no {', '.join(lacking)}; nothing was changed")
-
+    specs = _specs(model, families, version)
     if _ACTIVE is not None:
-        for what, active, asked in (
-            ("backend", _ACTIVE.state.backend, backend),
-            ("linear_backend", _ACTIVE.state.linear_backend, linear_backend),
-        ):
-            if active != asked:
-                raise ValueError(
-                    f"a qwenvl patch with {what} {active!r} is already active; revert it before patching with "
-                    f"{what} {asked!r}"
-                )
-        missing = [s.name for s in specs if s.name not in _ACTIVE.families]
-        if missing:
-            raise ValueError(f"a qwenvl patch for {_ACTIVE.families} is active; revert it before adding {missing}")
-        own = PatchRecorder()
-        try:
-            if model is not None:
-                _per_model(model, own, compile=compile, fused_cross_entropy=fused_cross_entropy)
-        except BaseException:
-            own.undo()
-            raise
-        return PatchHandle(_ACTIVE, own)
+        return _join_active(model, specs, options)
 
     problems = [f"{spec.name}: {p}" for spec in specs for p in _check_family(spec)]
     if problems:
@@ -336,18 +360,18 @@ def patch(
             f"cannot patch on transformers {version} (nothing was changed):\n  " + "\n  ".join(problems)
         )
 
-    state = _dispatch.PatchState(backend=backend, linear_backend=linear_backend)
+    state = _dispatch.PatchState(backend=options.backend, linear_backend=options.linear_backend)
     recorder, own = PatchRecorder(), PatchRecorder()
     try:
         _register_implementation(recorder)
         for spec in specs:
             _apply_family(spec, recorder, state)
         if model is not None:
-            _per_model(model, own, compile=compile, fused_cross_entropy=fused_cross_entropy)
+            _per_model(model, own, options)
     except BaseException:
         own.undo()
         recorder.undo()
         raise
     _ACTIVE = _AppliedPatch(state, recorder, tuple(s.name for s in specs))
-    logger.info("qwenvl: patched %s for packed batches (backend=%s)", ", ".join(_ACTIVE.families), backend)
+    logger.info("qwenvl: patched %s for packed batches (backend=%s)", ", ".join(_ACTIVE.families), options.backend)
     return PatchHandle(_ACTIVE, own)

@@ -8,7 +8,8 @@ A Gated DeltaNet layer (Qwen3.5) mixes tokens in two places, and both must resta
 
 transformers gets neither right for packed rows (its conv fallback drops the boundaries; the delta rule sees
 them only on some releases), so once patched the layer's ``forward`` is wrapped: an ordinary call runs the
-original; a call whose mask is a ``VarlenMeta`` runs one of three paths (``linear_backend``):
+original; a call whose mask is a ``VarlenMeta`` runs one of these paths (``linear_backend``, whose names
+``qwenvl.options.LINEAR_BACKENDS`` lists):
 
     segments   the original forward once per sample, cache off: each sample computes exactly what it computes
                alone, on any device and release (the default on CPU without flash-linear-attention).
@@ -38,9 +39,8 @@ import torch.nn.functional as F
 from qwenvl.packing import VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
-__all__ = ["LINEAR_BACKENDS", "GLUE_ATTRIBUTES", "linear_forward", "resolve_linear_backend", "fla_available", "fla_problem"]
+__all__ = ["GLUE_ATTRIBUTES", "linear_forward", "resolve_linear_backend", "fla_available", "fla_problem"]
 
-LINEAR_BACKENDS = ("segments", "batched", "torch", "fla")
 GLUE_ATTRIBUTES = (
     "in_proj_qkv",
     "in_proj_z",

@@ -7,7 +7,9 @@
     torchrun --nproc_per_node 2 -m qwenvl.cli train --output_dir out ...           # DDP
     accelerate launch --config_file examples/accelerate_fsdp2.yaml -m qwenvl.cli train --output_dir out ...
 
-Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the three dataclasses below);
+Every ``transformers.TrainingArguments`` flag works (``HfArgumentParser`` over the dataclasses below and
+``qwenvl.options.PatchOptions``, whose fields are ``qwenvl.patch``'s options: ``--backend``, ``--linear_backend``,
+``--compile``, ``--fused_cross_entropy``; the old ``--attention_backend`` and ``--compile_regions`` still work);
 three defaults differ from transformers': ``--per_device_train_batch_size 1`` (a packed batch is one row),
 ``--logging_steps 1``, ``--report_to none``. Under a launcher, each rank trains on rows packed from its own
 shard of the samples, balanced by tokens (the imbalance is logged), and the vision dummy pass is on
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from qwenvl.options import InvalidOption, PatchOptions, current_names
+
 __all__ = ["ModelArguments", "DataArguments", "main", "run"]
 
 logger = logging.getLogger("qwenvl.train")
@@ -43,19 +47,6 @@ class ModelArguments:
     tune_mm_mlp: bool = field(default=True, metadata={"help": "Train the projector ('*merger*')."})
     tune_mm_llm: bool = field(default=True, metadata={"help": "Train the language model and lm_head."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    attention_backend: str = field(default="auto", metadata={"help": "qwenvl varlen backend: auto, flash_attn, torch, sdpa or reference (the float64 oracle, slow)."})
-    linear_backend: str = field(
-        default="auto",
-        metadata={"help": "Qwen3.5 Gated DeltaNet layers on packed rows: auto, segments, batched, torch, fla."},
-    )
-    compile_regions: bool = field(
-        default=False,
-        metadata={"help": "Compile each decoder layer and vision block on its own (qwenvl.patch(model, compile=True))."},
-    )
-    fused_cross_entropy: bool = field(
-        default=False,
-        metadata={"help": "Loss from hidden states without the logits (Liger-Kernel on CUDA; plain torch loss on CPU)."},
-    )
     lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model (PEFT)."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
@@ -213,10 +204,9 @@ class Refused(ValueError):
     """A bad option: one line for the user and exit status 2, before anything is loaded."""
 
 
-def _check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+def _check_args(model_args: ModelArguments, options: PatchOptions, data_args: DataArguments, training_args) -> None:
     import importlib.util
 
-    from qwenvl.attention import BACKENDS
     from qwenvl.data import CONVENTIONS
 
     def one_of(flag: str, value, choices) -> None:
@@ -224,14 +214,10 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
             raise Refused(f"{flag} {value!r} is not one of {', '.join(choices)}")
 
     one_of("--dtype", model_args.dtype, _DTYPES)
-    one_of("--attention_backend", model_args.attention_backend, ("auto", *BACKENDS))
-    from qwenvl.patches._linear import LINEAR_BACKENDS
-
-    one_of("--linear_backend", model_args.linear_backend, ("auto", *LINEAR_BACKENDS))
-    if model_args.compile_regions and getattr(training_args, "torch_compile", False):
+    if options.compile and getattr(training_args, "torch_compile", False):
         raise Refused(
-            "--compile_regions and --torch_compile both compile the model: use --compile_regions (each layer and "
-            "vision block on its own, packed token dimension dynamic) or --torch_compile, not both"
+            "--compile and --torch_compile both compile the model: use --compile (each layer and vision block "
+            "on its own, packed token dimension dynamic) or --torch_compile, not both"
         )
     one_of("--packing_convention", data_args.packing_convention, CONVENTIONS)
     if data_args.pack_budget is not None and data_args.pack_budget < data_args.model_max_length:
@@ -254,16 +240,24 @@ def _check_args(model_args: ModelArguments, data_args: DataArguments, training_a
         raise Refused("--group_by_length groups padded batches; packing already puts samples of similar length in rows")
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, callbacks=None) -> dict:
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args,
+    *,
+    options: PatchOptions = PatchOptions(),
+    callbacks=None,
+) -> dict:
     """Train and save; returns the Trainer's train metrics plus the data summary (``ranks``: the per-rank
-    packing report when rows were packed for several ranks). ``callbacks``: extra ``TrainerCallback``s."""
+    packing report when rows were packed for several ranks). ``options``: what ``qwenvl.patch`` is given;
+    ``callbacks``: extra ``TrainerCallback``s."""
     import torch
     import qwenvl
     from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset, check_rows
     from qwenvl.data.processor import load_processor, save_processor, videos_available
     from qwenvl.train.trainer import QwenVLTrainer, SaveProcessorCallback
 
-    _check_args(model_args, data_args, training_args)
+    _check_args(model_args, options, data_args, training_args)
     model_path = model_args.model_name_or_path or _default_model_dir()
     data_path = data_args.data_path or _default_data_path()
     # What can be checked without the model, before it loads: its config, and every row's structure and media.
@@ -313,13 +307,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args, *, 
         pad = processor.tokenizer.pad_token_id
         collator = PaddedCollator(pad if pad is not None else 0)
 
-    with qwenvl.patch(
-        model,
-        backend=model_args.attention_backend,
-        linear_backend=model_args.linear_backend,
-        compile=model_args.compile_regions,
-        fused_cross_entropy=model_args.fused_cross_entropy,
-    ):
+    with qwenvl.patch(model, options=options):
         callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
         trainer = QwenVLTrainer(
             model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks
@@ -355,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwenvl.train.argument import TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="qwenvl train")
-    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, PatchOptions, DataArguments, TrainingArguments), prog="qwenvl train")
+    argv = current_names("train", sys.argv[1:] if argv is None else argv)
     if not _given(argv, "--output_dir") and "-h" not in argv and "--help" not in argv:
         parser.error("the following arguments are required: --output_dir")
     # Defaults that differ from transformers': a packed batch is one row; log every step; no trackers.
@@ -364,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         if not _given(argv, flag):
             argv = [*argv, flag, value]
     try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, options, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except InvalidOption as exc:
+        print(f"qwenvl train: error: {exc.flag()}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # a value the dataclasses refuse (ours, or TrainingArguments' own checks)
         print(f"qwenvl train: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -372,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl.data import BadSampleError, DataFileError
 
     try:
-        metrics = run(model_args, data_args, training_args)
+        metrics = run(model_args, data_args, training_args, options=options)
     except (Refused, BadSampleError, DataFileError, FileNotFoundError) as exc:
         print(f"qwenvl train: error: {exc}", file=sys.stderr)
         if isinstance(exc, BadSampleError):

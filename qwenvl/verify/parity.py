@@ -8,6 +8,8 @@ For one case (family, backend, device, dtype, convention) on a tiny random model
 
 and the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
 ``qwenvl.tolerances.TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
+With ``fused_cross_entropy`` the packed rows train on labels through the fused loss, which keeps no logits: the
+loss, the same for all three, is judged in their place (``qwenvl.verify.labelled``).
 On fp32 CPU the absolute error must also stay under ``model_atol`` (1e-4). MoE families run the yardstick and the
 packed row with the oracle's expert choice (``qwenvl.verify.routing``): a top-k that flips under rounding is not
 a packing error; how many tokens would have flipped is reported.
@@ -16,6 +18,7 @@ a packing error; how many tokens would have flipped is reported.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -31,6 +34,7 @@ from qwenvl.verify.batches import (
     release_run,
     split_by_media,
 )
+from qwenvl.verify.labelled import alone_loss, packed_loss
 from qwenvl.verify.routing import RoutingPin
 from qwenvl.verify.runs import judge_runs, run_alone, run_packed
 
@@ -58,8 +62,8 @@ class CaseResult:
     convention: str
     tokens: int
     samples: int
-    logits_err: float
-    logits_bound: float
+    logits_err: float | None  # None where the loss is judged instead (fused_cross_entropy)
+    logits_bound: float | None
     grad_err: float
     grad_bound: float
     worst_grad: str
@@ -69,6 +73,8 @@ class CaseResult:
     routing_flips: int = 0
     yardstick_routing_flips: int = 0
     why: str = ""  # what failed (qwenvl.verify.runs.judge_runs), empty when passed
+    loss_err: float | None = None  # fused_cross_entropy: the loss, judged in the logits' place
+    loss_bound: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,8 +98,10 @@ def run_case(
     model_overrides: dict | None = None,
     linear_backend: str = "auto",
     compile: bool = False,
+    fused_cross_entropy: bool = False,
 ) -> CaseResult:
-    """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule."""
+    """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule.
+    ``backend``, ``linear_backend``, ``compile``, ``fused_cross_entropy``: the packed side's ``qwenvl.patch`` options."""
     from qwenvl.fixtures import tiny_model
     from qwenvl.patches import active_patch
 
@@ -105,20 +113,19 @@ def run_case(
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
     batches = [pack(base, row) for row in rows]  # the samples alone run in this order too
     total = sum(batch.input_ids.shape[1] for batch in batches)
-    weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
-
     ref_model = _reference_model(base, device, dtype)
     model = base.to(device=device, dtype=dtype)
 
+    options = dict(backend=backend, linear_backend=linear_backend, compile=compile, fused_cross_entropy=fused_cross_entropy)
+    alone, packed = _runs(base, batches, seed, convention, device, options)
     pin = _routing_pin(family, base.config)
     with pin.record(ref_model):
-        ref = run_alone(ref_model, batches, weights, device=device)
+        ref = alone(ref_model)
     with pin.replay(model):
-        pt = run_alone(model, batches, weights, device=device)
+        pt = alone(model)
     pt_flips = pin.flips
-    options = {"backend": backend, "linear_backend": linear_backend, "compile": compile}
     with pin.replay(model):
-        out = run_packed(model, batches, weights, convention=convention, device=device, **options)
+        out = packed(model)
     flips = pin.flips
 
     verdict = judge_runs(tolerance(device, dtype), out, ref, pt)
@@ -130,8 +137,7 @@ def run_case(
         convention=convention,
         tokens=total,
         samples=sum(len(batch.items) for batch in batches),
-        logits_err=verdict.logits_err,
-        logits_bound=verdict.logits_bound,
+        **_judged_output(verdict, fused_cross_entropy),
         grad_err=verdict.grad_err,
         grad_bound=verdict.grad_bound,
         worst_grad=verdict.worst_grad,
@@ -140,6 +146,28 @@ def run_case(
         routing_flips=flips,
         yardstick_routing_flips=pt_flips,
     )
+
+
+def _runs(base, batches, seed: int, convention: str, device, options: dict):
+    """How each side runs, as functions of the model: the samples alone, unpatched; the packed rows, patched with
+    ``options``. The loss is linear in the logits (random weights from ``seed``), or, with the fused loss, the
+    labelled loss (``qwenvl.verify.labelled``)."""
+    if options["fused_cross_entropy"]:
+        alone = functools.partial(alone_loss, rows=batches, convention=convention, device=device)
+        packed = functools.partial(packed_loss, rows=batches, convention=convention, device=device, **options)
+        return alone, packed
+    total = sum(batch.input_ids.shape[1] for batch in batches)
+    weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
+    alone = functools.partial(run_alone, rows=batches, weights=weights, device=device)
+    packed = functools.partial(run_packed, rows=batches, weights=weights, convention=convention, device=device, **options)
+    return alone, packed
+
+
+def _judged_output(verdict, fused_cross_entropy: bool) -> dict:
+    """The ``CaseResult`` fields of what is judged besides the gradients: the logits, or the loss in their place."""
+    if fused_cross_entropy:
+        return {"logits_err": None, "logits_bound": None, "loss_err": verdict.logits_err, "loss_bound": verdict.logits_bound}
+    return {"logits_err": verdict.logits_err, "logits_bound": verdict.logits_bound}
 
 
 def _refuse_what_cannot_run(family: str, specs: Sequence[SampleSpec], device, dtype: torch.dtype) -> None:

@@ -78,12 +78,19 @@ def _text_table(header: tuple[str, ...], rows: list[tuple]) -> str:
 _CASES_HEADER = ("family", "backend", "device", "dtype", "convention", "logits err", "bound", "grad err", "bound", "pass")
 
 
+def _first(case: dict) -> tuple[str, str]:
+    """A case's logits error and bound; the loss's, marked, where it was judged instead (``--fused_cross_entropy``)."""
+    if case.get("loss_err") is not None:
+        return f"loss {_fmt(case['loss_err'])}", f"loss {_fmt(case['loss_bound'])}"
+    return _fmt(case["logits_err"]), _fmt(case["logits_bound"])
+
+
 def cases_table(cases: list[dict]) -> str:
     """The parity cases as a plain-text table: the worst logits and gradient errors with their bounds, PASS/FAIL."""
     rows = [
         (
-            c["family"], c["backend"], c["device"], c["dtype"], c["convention"], _fmt(c["logits_err"]),
-            _fmt(c["logits_bound"]), _fmt(c["grad_err"]), _fmt(c["grad_bound"]), "PASS" if c["passed"] else "FAIL",
+            c["family"], c["backend"], c["device"], c["dtype"], c["convention"], *_first(c),
+            _fmt(c["grad_err"]), _fmt(c["grad_bound"]), "PASS" if c["passed"] else "FAIL",
         )
         for c in cases
     ]
@@ -92,7 +99,8 @@ def cases_table(cases: list[dict]) -> str:
 
 def case_detail(case: dict) -> str:
     """A case's numbers in a few words (its error, where it crashed)."""
-    return case.get("error") or f"logits {_fmt(case['logits_err'])}, grads {_fmt(case['grad_err'])}"
+    judged = "loss" if case.get("loss_err") is not None else "logits"
+    return case.get("error") or f"{judged} {_fmt(case[judged + '_err'])}, grads {_fmt(case['grad_err'])}"
 
 
 def skipped_line(skipped: list[dict]) -> str:
@@ -260,8 +268,9 @@ def to_markdown(report: dict) -> str:
     ]
     for c in report.get("cases", []):
         result = "PASS" if c["passed"] else f"FAIL {c.get('error') or ''}".strip()
+        err, bound = _first(c)
         out.append(
-            f"| {c['family']} | {c['backend']} | {c['device']} | {c['dtype']} | {c['convention']} | {_fmt(c['logits_err'])} | "
-            f"{_fmt(c['logits_bound'])} | {_fmt(c['grad_err'])} | {_fmt(c['grad_bound'])} | {result} |"
+            f"| {c['family']} | {c['backend']} | {c['device']} | {c['dtype']} | {c['convention']} | {err} | "
+            f"{bound} | {_fmt(c['grad_err'])} | {_fmt(c['grad_bound'])} | {result} |"
         )
     return "\n".join(out) + "\n"
