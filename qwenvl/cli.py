@@ -4,10 +4,11 @@
 Every option of ``qwenvl verify`` is checked before the first case runs (``qwenvl.verify.plan``): a bad value is one
 line naming it and the valid choices, exit status 2. The options ``qwenvl.patch`` takes have its names here too
 (``--backend``, ``--linear_backend``, ``--compile``, ``--fused_cross_entropy``: ``qwenvl.options``), each option is
-spelled with ``_`` or ``-``, and an old name (``--convention``) still works with a note. What the default run leaves out on this machine (a backend that
-cannot run on a device, a device that is absent) and what this release cannot run is printed with the reason before
-the cases start. This module defines the options, runs the planned cases (``qwenvl.verify.parity.run_case``) and the
-golden section, and writes the report; what the report says and how it is drawn is ``qwenvl.verify.report``'s.
+spelled with ``_`` or ``-``, and an old name (``--convention``) still works with a note. What the default run leaves
+out on this machine (a backend that cannot run on a device, a device that is absent) and what this release cannot
+run is printed with the reason before the cases start. This module defines the options, runs the planned cases
+(``qwenvl.verify.parity.run_case``) and the golden section, and writes the report; what the report says and how it
+is drawn is ``qwenvl.verify.report``'s.
 
 After the cases, the golden section checks each family against the tensors recorded under the pinned release
 (``qwenvl.verify.golden``: "transformers changed" is told apart from "our patch differs"); the report (JSON, and
@@ -258,7 +259,7 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
 
 
 def _spellings(name: str) -> list[str]:
-    """``--name``, and ``--na-me`` where the name has an underscore (as ``HfArgumentParser`` does for ``qwenvl train``)."""
+    """``--name``, and ``--na-me`` where the name has an underscore (``HfArgumentParser`` does so for ``qwenvl train``)."""
     return [f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else [])]
 
 

@@ -54,9 +54,8 @@ def alone_loss(
     losses = []
     for row in rows:
         row = row.with_pixels(dtype)
-        logits = torch.cat(
-            [model(**sample_inputs(model, Sample.of_item(item), device), use_cache=False).logits[0] for item in row.items]
-        )
+        alone = [sample_inputs(model, Sample.of_item(item), device) for item in row.items]
+        logits = torch.cat([model(**inputs, use_cache=False).logits[0] for inputs in alone])
         shifted = F.pad(_row_labels(row, convention)[0, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
         upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(upcast, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from qwenvl.families import get_family
+from qwenvl.options import PatchOptions
 from qwenvl.tolerances import reference_dtype, tolerance
 from qwenvl.verify.batches import (
     SampleSpec,
@@ -100,8 +101,8 @@ def run_case(
     compile: bool = False,
     fused_cross_entropy: bool = False,
 ) -> CaseResult:
-    """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule.
-    ``backend``, ``linear_backend``, ``compile``, ``fused_cross_entropy``: the packed side's ``qwenvl.patch`` options."""
+    """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule;
+    the packed side is patched with ``backend``, ``linear_backend``, ``compile`` and ``fused_cross_entropy``."""
     from qwenvl.fixtures import tiny_model
     from qwenvl.patches import active_patch
 
@@ -112,11 +113,11 @@ def run_case(
     gen = torch.Generator().manual_seed(seed)
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
     batches = [pack(base, row) for row in rows]  # the samples alone run in this order too
-    total = sum(batch.input_ids.shape[1] for batch in batches)
     ref_model = _reference_model(base, device, dtype)
     model = base.to(device=device, dtype=dtype)
-
-    options = dict(backend=backend, linear_backend=linear_backend, compile=compile, fused_cross_entropy=fused_cross_entropy)
+    options = PatchOptions(
+        backend=backend, linear_backend=linear_backend, compile=compile, fused_cross_entropy=fused_cross_entropy
+    )
     alone, packed = _runs(base, batches, seed, convention, device, options)
     pin = _routing_pin(family, base.config)
     with pin.record(ref_model):
@@ -135,7 +136,7 @@ def run_case(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         convention=convention,
-        tokens=total,
+        tokens=sum(batch.input_ids.shape[1] for batch in batches),
         samples=sum(len(batch.items) for batch in batches),
         **_judged_output(verdict, fused_cross_entropy),
         grad_err=verdict.grad_err,
@@ -148,25 +149,29 @@ def run_case(
     )
 
 
-def _runs(base, batches, seed: int, convention: str, device, options: dict):
+def _runs(base, batches, seed: int, convention: str, device, options: PatchOptions):
     """How each side runs, as functions of the model: the samples alone, unpatched; the packed rows, patched with
     ``options``. The loss is linear in the logits (random weights from ``seed``), or, with the fused loss, the
     labelled loss (``qwenvl.verify.labelled``)."""
-    if options["fused_cross_entropy"]:
+    if options.fused_cross_entropy:
         alone = functools.partial(alone_loss, rows=batches, convention=convention, device=device)
-        packed = functools.partial(packed_loss, rows=batches, convention=convention, device=device, **options)
+        packed = functools.partial(packed_loss, rows=batches, convention=convention, device=device, options=options)
         return alone, packed
     total = sum(batch.input_ids.shape[1] for batch in batches)
     weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
     alone = functools.partial(run_alone, rows=batches, weights=weights, device=device)
-    packed = functools.partial(run_packed, rows=batches, weights=weights, convention=convention, device=device, **options)
+    packed = functools.partial(
+        run_packed, rows=batches, weights=weights, convention=convention, device=device, options=options
+    )
     return alone, packed
 
 
 def _judged_output(verdict, fused_cross_entropy: bool) -> dict:
     """The ``CaseResult`` fields of what is judged besides the gradients: the logits, or the loss in their place."""
     if fused_cross_entropy:
-        return {"logits_err": None, "logits_bound": None, "loss_err": verdict.logits_err, "loss_bound": verdict.logits_bound}
+        return {
+            "logits_err": None, "logits_bound": None, "loss_err": verdict.logits_err, "loss_bound": verdict.logits_bound
+        }
     return {"logits_err": verdict.logits_err, "logits_bound": verdict.logits_bound}
 
 

@@ -245,7 +245,7 @@ def to_markdown(report: dict) -> str:
     golden = report.get("golden")
     out += ["", "## Golden drift", ""]
     if not golden:
-        out.append("Not run (`--no-golden`).")
+        out.append("Not run (`--no_golden`).")
     else:
         out += [
             f"Each family's tiny model against the tensors recorded under transformers {golden['golden_transformers']} "
