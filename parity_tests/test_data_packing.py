@@ -183,6 +183,7 @@ def test_hf_kwargs_rows_are_hf_positions_rows_plus_the_flash_kwargs():
     positions_row, kwargs_row = PackedCollator("hf_positions")(items), PackedCollator("hf_kwargs")(items)
     flash = {k: kwargs_row.pop(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
     assert kwargs_row.keys() == positions_row.keys()
+    assert kwargs_row.pop("qwenvl_host") == positions_row.pop("qwenvl_host")
     assert all(torch.equal(kwargs_row[k], positions_row[k]) for k in kwargs_row)
     expected = torch.tensor([0, 4, 11, 13], dtype=torch.int32)
     assert torch.equal(flash["cu_seq_lens_q"], expected) and torch.equal(flash["cu_seq_lens_k"], expected)

@@ -114,7 +114,7 @@ def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--packing_convention", "hf_kwargs"], "--packing_convention 'hf_kwargs' is not one of upstream, hf_positions"),
+        (["--packing_convention", "flat"], "--packing_convention 'flat' is not one of upstream, hf_positions, hf_kwargs"),
         (["--dtype", "fp8"], "--dtype 'fp8' is not one of float32, bfloat16, float16"),
         (["--backend", "nope"], "--backend 'nope' is not one of auto, "),
         (["--pack_budget", "100", "--model_max_length", "200"], "--pack_budget 100 is below --model_max_length 200"),

@@ -129,6 +129,9 @@ class FamilySpec:
             harness pins its expert choice to the oracle's (``qwenvl.verify.routing``).
         tokens: the config keys of the layout's special token ids (``SpecialTokens``; GLM-4V names them
             differently, reuses the image placeholder for video frames and wraps a video in its own pair).
+        tower_reads_grid: the vision tower reads ``grid_thw`` on the device even when every input it derives from it
+            comes precomputed (GLM-4V's position-embedding resampling): the grids then go to the device; elsewhere
+            they stay on the host (``qwenvl.data.vision_meta``), which spares the split sizes' host sync.
         release_bugs: what some releases cannot run at all for this family, unpatched (``ReleaseBug``): the
             harness refuses those inputs naming the bug (``qwenvl.release_bugs.UpstreamLimit``) and the tests
             skip them, instead of a crash deep inside transformers.
@@ -154,6 +157,7 @@ class FamilySpec:
     linear_attention_masks: tuple[str, ...] = ()
     moe_block: str | None = None
     tokens: SpecialTokens = SpecialTokens()
+    tower_reads_grid: bool = False
     release_bugs: tuple[ReleaseBug, ...] = ()
 
     def __post_init__(self) -> None:
@@ -303,6 +307,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
+        tower_reads_grid=True,
         release_bugs=glm_bugs("Glm4v"),
     ),
     FamilySpec(
@@ -319,6 +324,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
+        tower_reads_grid=True,
         release_bugs=glm_bugs("Glm4vMoe") + GLM_MOE_BUGS,
     ),
     # Qwen3-Omni-MoE's thinker: the part that reads text, images, videos (and audio) and writes text; the talker

@@ -27,7 +27,8 @@ token), so the position-id round trip is exact only for segments of length >= 1.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -43,6 +44,8 @@ __all__ = [
     "mask_boundary_labels",
     "IGNORE_INDEX",
     "CONVENTIONS",
+    "HostMeta",
+    "HOST_KEY",
 ]
 
 
@@ -135,6 +138,29 @@ class VarlenMeta(NamedTuple):
 
     def to(self, device: torch.device | str) -> "VarlenMeta":
         return self._replace(cu_seqlens=self.cu_seqlens.to(device))
+
+
+# The batch key under which a collator hands the patched forward its HostMeta (popped at the model entry).
+HOST_KEY = "qwenvl_host"
+
+
+@dataclass(frozen=True)
+class HostMeta:
+    """What the collator computed on the host for one packed batch, so the patched forward never waits on the device
+    to learn it (``batch[HOST_KEY]``; ``qwenvl.data.PackedCollator`` adds it):
+
+        offsets   the batch's sample boundaries (its cu_seqlens, as a tuple)
+        vision    for each vision cu_seqlens kwarg the batch carries (``image_cu_seqlens``, ...), its boundaries
+        grids     host copies of the grid kwargs, where the tower reads nothing else from them
+
+    It has no ``to`` and no ``pin_memory``: moving a batch to the device (the Trainer, accelerate, the DataLoader's
+    pinning) leaves it on the host as it is. The values are trusted to be the batch's (the collator made both from
+    the same numbers); a batch without it takes one host sync per distinct cu_seqlens instead.
+    """
+
+    offsets: tuple[int, ...]
+    vision: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    grids: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def validate_cu_seqlens(

@@ -20,7 +20,7 @@ from qwenvl._checkout import CheckoutPath, checkout_attribute
 # Ours first, then an upstream checkout's `qwenvl/data/` (its data_processor, rope2d): qwenvl._checkout.
 __path__ = CheckoutPath(__path__, __name__)
 
-from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator
+from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator, to_device
 from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, check_rows, read_rows
 from qwenvl.data.packer import Packing, ShardedPacking, pack, pack_shards, shard_by_tokens
 
@@ -37,6 +37,7 @@ __all__ = [
     "Packing",
     "ShardedPacking",
     "PackedDataset",
+    "to_device",
     "StepSampler",
     "PackedCollator",
     "PaddedCollator",

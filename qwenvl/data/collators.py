@@ -19,6 +19,11 @@ One packed row, upstream convention (three samples, T = 4 + 3 + 2)::
 at 0 per sample (transformers' packed form); ``"hf_kwargs"`` adds transformers' flash kwargs to those
 (``cu_seq_lens_q/k`` and ``max_length_q/k``). ``qwenvl verify`` and the synthetic batches of the tests and
 benchmarks (``qwenvl.data.synthetic``) build their rows here too: there is one packed row.
+
+Every packed row also carries ``qwenvl_host`` (``qwenvl.packing.HostMeta``): its boundaries on the host, so the
+patched forward needs no host sync to learn them; given the model's vision preamble
+(``PackedCollator.for_model``), also everything its vision tower derives from the grids
+(``qwenvl.data.vision_meta``), computed here, in the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -27,9 +32,17 @@ from typing import Any, Sequence
 
 import torch
 
-from qwenvl.packing import CONVENTIONS, IGNORE_INDEX, cu_seqlens_to_position_ids, lengths_to_cu_seqlens, mask_boundary_labels
+from qwenvl.packing import (
+    CONVENTIONS,
+    HOST_KEY,
+    IGNORE_INDEX,
+    HostMeta,
+    cu_seqlens_to_position_ids,
+    lengths_to_cu_seqlens,
+    mask_boundary_labels,
+)
 
-__all__ = ["PackedCollator", "PaddedCollator", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
+__all__ = ["PackedCollator", "PaddedCollator", "to_device", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -67,10 +80,33 @@ class PackedCollator:
             ``"hf_kwargs"`` (those positions plus ``cu_seq_lens_q/k``, ``max_length_q/k``).
     """
 
-    def __init__(self, convention: str = "upstream") -> None:
+    def __init__(self, convention: str = "upstream", *, vision=None) -> None:
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown packing convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
         self.convention = convention
+        self.vision = vision  # qwenvl.data.vision_meta.VisionPreamble, or None: the tower computes its own
+
+    @classmethod
+    def for_model(cls, model, convention: str = "upstream") -> "PackedCollator":
+        """The collator for ``model``: its vision tower's inputs computed here, where the release takes them."""
+        from qwenvl.data.vision_meta import VisionPreamble
+
+        return cls(convention, vision=VisionPreamble.of(model))
+
+    def _host(self, batch: dict, cu_seqlens: torch.Tensor) -> HostMeta:
+        """The host metadata of ``batch``, adding the vision tower's precomputed inputs to it."""
+        vision, grids = {}, {}
+        if self.vision is not None:
+            for modality in ("image", "video"):
+                grid = batch.get(f"{modality}_grid_thw")
+                if grid is None:
+                    continue
+                kwargs, offsets = self.vision.kwargs(modality, grid)
+                batch.update(kwargs)
+                vision.update(offsets)
+                if self.vision.grid_on_host:
+                    grids[f"{modality}_grid_thw"] = grid
+        return HostMeta(tuple(cu_seqlens.tolist()), vision, grids)
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         samples = _flatten(items)
@@ -85,6 +121,7 @@ class PackedCollator:
         }
         if all("mm_token_type_ids" in s for s in samples):
             batch["mm_token_type_ids"] = torch.cat([s["mm_token_type_ids"] for s in samples])[None]
+        batch[HOST_KEY] = self._host(batch, cu_seqlens)
         if self.convention == "upstream":
             batch["attention_mask"] = cu_seqlens
             batch["position_ids"] = positions_3T[:, None, :]
@@ -95,6 +132,22 @@ class PackedCollator:
             longest = int(lengths.max())
             batch.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
         return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch on ``device`` the way a trainer moves it without waiting: each CPU tensor pinned and copied
+    with ``non_blocking`` (no host sync on CUDA); the host metadata and plain values stay as they are."""
+    device = torch.device(device)
+    pin = device.type == "cuda"
+
+    def move(value):
+        if not isinstance(value, torch.Tensor) or value.device == device:
+            return value
+        if pin and value.device.type == "cpu":
+            value = value.pin_memory()
+        return value.to(device, non_blocking=pin)
+
+    return {key: move(value) for key, value in batch.items()}
 
 
 class PaddedCollator:

@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from qwenvl.data.collators import VISION_KEYS, PackedCollator
+from qwenvl.data.collators import VISION_KEYS, PackedCollator, to_device
 from qwenvl.families import get_family
+from qwenvl.packing import HOST_KEY
 from qwenvl.release_bugs import UpstreamLimit
 
 __all__ = ["SampleSpec", "Sample", "PackedBatch", "make_sample", "pack", "sample_inputs", "mixing_error"]
@@ -143,11 +144,12 @@ class PackedBatch:
     sample order; ``model_inputs(convention)`` is the collator's row in any convention, without labels.
     """
 
-    def __init__(self, items: Sequence[dict[str, torch.Tensor]], family: str | None = None) -> None:
+    def __init__(self, items: Sequence[dict[str, torch.Tensor]], family: str | None = None, vision=None) -> None:
         if not items:
             raise ValueError("a packed batch needs at least one sample")
         self.items = list(items)
         self.family = family  # whose release bugs apply (``FamilySpec.release_bugs``), when known
+        self.vision = vision  # the model's vision preamble (``PackedCollator.for_model``), when known
         self._row = PackedCollator("upstream")(self.items)
 
     @property
@@ -155,6 +157,7 @@ class PackedBatch:
         return [Sample.of_item(item) for item in self.items]
 
     input_ids = property(lambda self: self._row["input_ids"])
+    labels = property(lambda self: self._row["labels"])  # the ids, each sample's first masked (the collator's)
     cu_seqlens = property(lambda self: self._row["attention_mask"])
     position_ids = property(lambda self: self._row["position_ids"])
     pixel_values = property(lambda self: self._row.get("pixel_values"))
@@ -165,19 +168,23 @@ class PackedBatch:
     def vision_inputs(self) -> dict[str, torch.Tensor]:
         return {key: self._row[key] for key in VISION_KEYS if key in self._row}
 
-    def model_inputs(self, convention: str = "upstream") -> dict:
-        """The collator's row in ``convention`` (``qwenvl.packing.CONVENTIONS``), labels left out. A single sample
-        in 4-row positions is an ordinary call to the model: refused where the release cannot run it."""
+    def model_inputs(self, convention: str = "upstream", device=None, *, host: bool = True) -> dict:
+        """The collator's row in ``convention`` (``qwenvl.packing.CONVENTIONS``), labels left out, its tensors moved
+        to ``device`` as a trainer moves them (the host metadata stays on the host; ``host=False`` leaves it out,
+        as a user's own collator would). A single sample in 4-row positions is an ordinary call to the model:
+        refused where the release cannot run it."""
         if convention == "hf_positions" and self.family is not None and len(self.items) == 1:
             if why := get_family(self.family).release_bug("four_rows"):
                 raise UpstreamLimit(why)
-        row = PackedCollator(convention)(self.items)
+        row = PackedCollator(convention, vision=self.vision if host else None)(self.items)
         row.pop("labels")
-        return row
+        if not host:
+            row.pop(HOST_KEY)
+        return row if device is None else to_device(row, device)
 
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "PackedBatch":
         """The same row with ``fn(key, tensor)`` applied to every tensor of every sample."""
-        return PackedBatch([{k: fn(k, v) for k, v in item.items()} for item in self.items], self.family)
+        return PackedBatch([{k: fn(k, v) for k, v in item.items()} for item in self.items], self.family, self.vision)
 
     def to(self, device) -> "PackedBatch":
         return self.map(lambda _, value: value.to(device))
@@ -188,11 +195,12 @@ class PackedBatch:
 
     def select(self, picked: Sequence[int]) -> "PackedBatch":
         """A row of the samples ``picked`` (indices, in that order)."""
-        return PackedBatch([self.items[i] for i in picked], self.family)
+        return PackedBatch([self.items[i] for i in picked], self.family, self.vision)
 
 
 def pack(model, samples: Sequence[Sample]) -> PackedBatch:
     """``samples`` as one packed row, each with its own positions (``model``'s ``get_rope_index`` on it alone)."""
+    from qwenvl.data.vision_meta import VisionPreamble
     from qwenvl.positions import rope_index
 
     if not samples:
@@ -206,7 +214,7 @@ def pack(model, samples: Sequence[Sample]) -> PackedBatch:
         s.item(rope_index(model, s.input_ids[None], image_grid_thw=s.image_grid_thw, video_grid_thw=s.video_grid_thw)[:, 0])
         for s in samples
     ]
-    return PackedBatch(items, family)
+    return PackedBatch(items, family, VisionPreamble.of(model))
 
 
 def sample_inputs(model, sample: Sample, device=None) -> dict:

@@ -192,7 +192,7 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
     module = spec.import_module()
     for cls_name in spec.entry_classes:
         cls = getattr(module, cls_name)
-        recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward))
+        recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward, state))
     for name in spec.mask_builders:
         recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
     recorder.setattr(

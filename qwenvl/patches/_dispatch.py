@@ -7,8 +7,9 @@ H = head dim.
 How a packed batch flows once patched::
 
     XForConditionalGeneration.forward(input_ids (B, L), attention_mask=cu_seqlens | None, position_ids, ...)
-      entry wrapper: detect the convention, build one VarlenMeta (the only host sync of the forward),
-                     pass it on as ``attention_mask``
+      entry wrapper: detect the convention, build one VarlenMeta, pass it on as ``attention_mask``; with the
+                     collator's ``qwenvl_host`` (``HostMeta``) from its host boundaries, no host sync; without
+                     it (a user's own collator), one host sync (said once in the log)
       -> XModel.forward                   (entry wrapper again: already a VarlenMeta, passes through)
       -> text model: create_causal_mask(attention_mask=VarlenMeta, ...)  -> returns the VarlenMeta as is
       -> every decoder layer: attention_interface(module, q, k, v, attention_mask=VarlenMeta, ...)
@@ -23,14 +24,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from qwenvl.attention import varlen_attention
-from qwenvl.packing import VarlenMeta
+from qwenvl.packing import HOST_KEY, HostMeta, VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
+
+logger = logging.getLogger("qwenvl")
 
 __all__ = ["PatchState", "entry_forward", "mask_builder", "aux_loss", "DispatchingAttentionFunctions", "dispatcher"]
 
@@ -51,7 +55,12 @@ class PatchState:
         for cached, meta in self._vision_cache:
             if cached is cu_seqlens:
                 return meta
-        meta = VarlenMeta.from_cu_seqlens(cu_seqlens)
+        return self.remember_vision(cu_seqlens)
+
+    def remember_vision(self, cu_seqlens: torch.Tensor, host_offsets=None) -> VarlenMeta:
+        """The metadata of a vision cu_seqlens tensor, kept for the blocks that receive the same tensor (from its
+        host boundaries when the collator sent them: then no host sync)."""
+        meta = VarlenMeta.from_cu_seqlens(cu_seqlens, host_offsets=host_offsets)
         self._vision_cache = [*self._vision_cache[-3:], (cu_seqlens, meta)]
         return meta
 
@@ -108,19 +117,19 @@ def _require_positions(position_ids) -> None:
         )
 
 
-def _upstream_meta(cu_seqlens: torch.Tensor, position_ids, rows: int, row_len: int, device) -> VarlenMeta:
+def _upstream_meta(cu_seqlens: torch.Tensor, position_ids, rows: int, row_len: int, device, host) -> VarlenMeta:
     """Convention 1: ``attention_mask`` is int cu_seqlens ``(S+1,)`` over the ``B * L`` tokens."""
-    meta = VarlenMeta.from_cu_seqlens(cu_seqlens, total=rows * row_len, device=device)
+    meta = VarlenMeta.from_cu_seqlens(cu_seqlens, total=rows * row_len, device=device, host_offsets=host)
     _require_positions(position_ids)
     return meta
 
 
-def _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows: int, row_len: int, device) -> VarlenMeta:
-    """Convention 2: transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs (self-attention: q == k)."""
+def _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows: int, row_len: int, device, host) -> VarlenMeta:
+    """Convention 2: transformers' ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs (self-attention: q == k; the
+    collator's host boundaries are those of both)."""
     if attention_mask is not None:
         raise ValueError("cu_seq_lens_q was given together with an attention_mask; pass one or the other")
-    host = None
-    if cu_k is not None and cu_k is not cu_q:
+    if host is None and cu_k is not None and cu_k is not cu_q:
         if not isinstance(cu_k, torch.Tensor) or cu_k.shape != getattr(cu_q, "shape", None):
             raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
         host_q, host_k = torch.stack([cu_q, cu_k.to(cu_q.device)]).tolist()  # the forward's one sync
@@ -132,10 +141,11 @@ def _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows: int, row_len: i
     return meta
 
 
-def _four_row_meta(position_ids: torch.Tensor, rows: int, row_len: int, device) -> VarlenMeta | None:
+def _four_row_meta(position_ids: torch.Tensor, rows: int, row_len: int, device, host) -> VarlenMeta | None:
     """Convention 3: transformers' 4-row ``position_ids`` ``[text; t; h; w]``, no mask; a sample starts wherever
-    the text row restarts at 0. ``None`` when it never restarts inside a row (an ordinary batch)."""
-    offsets = _restart_offsets(position_ids[0].expand(rows, row_len))
+    the text row restarts at 0 (or where the collator's host boundaries say). ``None`` when it never restarts
+    inside a row (an ordinary batch)."""
+    offsets = host if host is not None else _restart_offsets(position_ids[0].expand(rows, row_len))
     return None if offsets is None else VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
 
 
@@ -160,7 +170,7 @@ def _flattened_meta(kwargs: dict[str, Any], position_ids: torch.Tensor, rows: in
     return VarlenMeta.from_offsets(offsets, total=rows * row_len, device=device)
 
 
-def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
+def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = None) -> VarlenMeta | None:
     """Turn the packed conventions in ``kwargs`` into one ``VarlenMeta`` (and remove their raw forms).
 
     Conventions (first match wins): ``attention_mask`` = cu_seqlens (``_upstream_meta``); ``cu_seq_lens_q/k``
@@ -169,9 +179,12 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
     positions that never restart inside a row, a cache being continued): the original code runs unchanged,
     exactly as it would unpatched.
     """
+    host = kwargs.pop(HOST_KEY, None)
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
         return attention_mask
+    if host is not None and not isinstance(host, HostMeta):
+        raise TypeError(f"{HOST_KEY} must be a qwenvl.packing.HostMeta (what PackedCollator adds), got {type(host).__name__}")
     cu_q = kwargs.pop("cu_seq_lens_q", None)
     cu_k = kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_q", None)
@@ -192,14 +205,15 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
             raise ValueError("a packed batch (cu_seqlens) cannot continue a non-empty cache")
         return None
 
+    offsets = None if host is None else host.offsets
     if is_cu_mask:
-        meta = _upstream_meta(attention_mask, position_ids, rows, row_len, device)
+        meta = _upstream_meta(attention_mask, position_ids, rows, row_len, device, offsets)
     elif cu_q is not None:
-        meta = _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows, row_len, device)
+        meta = _kwargs_meta(cu_q, cu_k, attention_mask, position_ids, rows, row_len, device, offsets)
     elif attention_mask is not None or position_ids is None:
         return None
     elif position_ids.ndim == 3 and position_ids.shape[0] == 4:
-        meta = _four_row_meta(position_ids, rows, row_len, device)
+        meta = _four_row_meta(position_ids, rows, row_len, device, offsets)
     elif position_ids.ndim == 2:
         meta = _flattened_meta(kwargs, position_ids, rows, row_len, device)
     else:
@@ -219,10 +233,36 @@ def packed_meta_from_inputs(kwargs: dict[str, Any]) -> VarlenMeta | None:
         # (3, B, L) mrope rows, not every one the 4-row form (GLM-4V and GLM-4V-MoE on 4.57 take 3 rows only).
         kwargs["position_ids"] = position_ids[1:]
     kwargs["attention_mask"] = meta
+    _use_host(kwargs, host, state, device)
     return meta
 
 
-def entry_forward(original: Callable) -> Callable:
+_FALLBACK_SAID = False
+
+
+def _use_host(kwargs: dict[str, Any], host: HostMeta | None, state: PatchState | None, device) -> None:
+    """The collator's host metadata for the vision side: each vision cu_seqlens' boundaries (the attention dispatch
+    then reads them instead of asking the device) and the grids that may stay on the host. Without it, say once
+    that this batch costs host syncs."""
+    global _FALLBACK_SAID
+    if host is None:
+        if not _FALLBACK_SAID and torch.device(device).type == "cuda":
+            _FALLBACK_SAID = True
+            logger.info(
+                "qwenvl: packed batches without qwenvl_host (not from qwenvl.data.PackedCollator) cost one host sync "
+                "per forward to read their boundaries; PackedCollator.for_model(model) sends them from the host"
+            )
+        return
+    for name, offsets in host.vision.items():
+        cu = kwargs.get(name)
+        if isinstance(cu, torch.Tensor) and state is not None:
+            state.remember_vision(cu, offsets)
+    for name, grid in host.grids.items():
+        if kwargs.get(name) is not None:
+            kwargs[name] = grid
+
+
+def entry_forward(original: Callable, state: PatchState | None = None) -> Callable:
     """Wrap a model class's ``forward`` so packed conventions become one ``VarlenMeta`` attention mask."""
     names = [
         p.name
@@ -235,7 +275,7 @@ def entry_forward(original: Callable) -> Callable:
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__}.forward got {len(args)} positional arguments")
         kwargs.update(zip(names, args))
-        packed_meta_from_inputs(kwargs)
+        packed_meta_from_inputs(kwargs, state)
         return original(self, **kwargs)
 
     setattr(forward, _WRAPPED, original)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,27 +214,45 @@ def _glue(module, hidden_BLD: torch.Tensor, meta: VarlenMeta, kernels) -> torch.
     return module.out_proj(core.reshape(B, L, -1))
 
 
-class _FlaKernels:
-    """flash-linear-attention's varlen kernels: one call each over the packed row (B must be 1)."""
+FLA_CHUNK = 64  # the chunk size of fla's varlen conv1d and chunked delta rule (their defaults)
 
-    @staticmethod
-    def _cu(meta: VarlenMeta) -> tuple[torch.Tensor, torch.Tensor]:
-        # The host copy spares the kernels their own device->host read of the boundaries.
-        return meta.cu_seqlens.long(), torch.tensor(meta.offsets, dtype=torch.long)
+
+def chunk_indices(offsets: Sequence[int], chunk: int = FLA_CHUNK) -> torch.Tensor:
+    """fla's ``(NT, 2)`` chunk table ``[segment, chunk within it]`` for the boundaries ``offsets``, built on the
+    host (fla's ``prepare_chunk_indices`` builds the same on the device and reads it back: a host sync)::
+
+        offsets [0, 100, 164]  ->  [[0, 0], [0, 1], [1, 0]]        (chunk 64: 100 tokens = 2 chunks, 64 = 1)
+    """
+    rows = [(i, j) for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])) for j in range(-(-(b - a) // chunk))]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+
+
+class _FlaKernels:
+    """flash-linear-attention's varlen kernels: one call each over the packed row (B must be 1). The boundaries and
+    the chunk table are handed over from the host, built once per forward (every linear layer gets the same
+    ``VarlenMeta``): the kernels never read them back from the device."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, tuple] | None = None
+
+    def _cu(self, meta: VarlenMeta) -> dict:
+        if self._last is None or self._last[0] is not meta.cu_seqlens:
+            table = chunk_indices(meta.offsets)
+            if meta.cu_seqlens.is_cuda:
+                table = table.pin_memory().to(meta.cu_seqlens.device, non_blocking=True)
+            host = meta.host_cu_seqlens if meta.host_cu_seqlens is not None else torch.tensor(meta.offsets)
+            self._last = (meta.cu_seqlens, {"cu_seqlens": meta.cu_seqlens.long(), "cu_seqlens_cpu": host, "chunk_indices": table.to(meta.cu_seqlens.device)})
+        return self._last[1]
 
     def conv(self, x_1TC, weight_CW, bias, activation, meta):
         from fla.modules.causal_conv1d import causal_conv1d
 
-        cu, cu_cpu = self._cu(meta)
-        out, _ = causal_conv1d(
-            x=x_1TC, weight=weight_CW, bias=bias, activation=activation, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu
-        )
+        out, _ = causal_conv1d(x=x_1TC, weight=weight_CW, bias=bias, activation=activation, **self._cu(meta))
         return out
 
     def delta_rule(self, query, key, value, g, beta, meta):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        cu, cu_cpu = self._cu(meta)
         out, _ = chunk_gated_delta_rule(
             query,
             key,
@@ -244,8 +262,7 @@ class _FlaKernels:
             initial_state=None,
             output_final_state=False,
             use_qk_l2norm_in_kernel=True,
-            cu_seqlens=cu,
-            cu_seqlens_cpu=cu_cpu,
+            **self._cu(meta),
         )
         return out
 

@@ -119,7 +119,10 @@ def install_fused_loss(model, recorder, *, aux_coef_key: str | None) -> None:
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")
         num_items = kwargs.pop("num_items_in_batch", None)
-        meta = packed_meta_from_inputs(kwargs)
+        from qwenvl.patches import active_patch
+
+        applied = active_patch()
+        meta = packed_meta_from_inputs(kwargs, None if applied is None else applied.state)
         captured = []
 
         def capture(hidden):

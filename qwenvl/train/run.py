@@ -71,7 +71,10 @@ class DataArguments:
             "gradient accumulation trains on the same rows in every step as N processes."
         },
     )
-    packing_convention: str = field(default="upstream", metadata={"help": "upstream (cu_seqlens mask) or hf_positions."})
+    packing_convention: str = field(
+        default="upstream",
+        metadata={"help": "upstream (cu_seqlens mask), hf_positions (4-row positions) or hf_kwargs (plus flash kwargs)."},
+    )
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
     truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
     data_check_workers: int = field(default=4, metadata={"help": "Threads for the eager data check."})

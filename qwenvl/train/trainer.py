@@ -379,6 +379,15 @@ class SaveProcessorCallback(TrainerCallback):
             save_processor(self.processor, self.model_path, folder)
 
 
+def _adopt_vision_preamble(collator, model) -> None:
+    """A ``PackedCollator`` built without the model computes its vision tower's inputs from now on."""
+    from qwenvl.data import PackedCollator
+    from qwenvl.data.vision_meta import VisionPreamble
+
+    if isinstance(collator, PackedCollator) and collator.vision is None and model is not None:
+        collator.vision = VisionPreamble.of(model)
+
+
 class QwenVLTrainer(transformers.Trainer):
     """``transformers.Trainer`` with one optimizer group per (component, decay) pair.
 
@@ -397,7 +406,10 @@ class QwenVLTrainer(transformers.Trainer):
             check_deepspeed_config(
                 getattr(args, "hf_deepspeed_config", None) or getattr(args, "deepspeed", None) or None, args
             )
+        if args is not None and args.dataloader_pin_memory:
+            args.accelerator_config.non_blocking = True  # pinned batches reach the GPU without a host sync
         super().__init__(model, args, *more, **kwargs)
+        _adopt_vision_preamble(self.data_collator, self.model)
         # A config given to `accelerate launch` instead of --deepspeed only shows up on the accelerator.
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and getattr(self.args, "hf_deepspeed_config", None) is None:

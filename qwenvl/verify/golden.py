@@ -72,6 +72,7 @@ from typing import Sequence
 import torch
 
 from qwenvl.families import FAMILIES, get_family
+from qwenvl.data.vision_meta import VisionPreamble
 from qwenvl.verify.batches import PackedBatch, mixes_media, release_run
 from qwenvl.verify.drift import (
     BOTH,
@@ -212,6 +213,7 @@ def _run(family: str, tensors: dict[str, torch.Tensor], batch: PackedBatch, *, f
     row_starts = tensors["batch.rows"].tolist() if "batch.rows" in tensors else [0, batch.input_ids.shape[1]]
     names = [k.removeprefix("grad.ref.") for k in tensors if k.startswith("grad.ref.")]
     model = golden_model(family)
+    batch = PackedBatch(batch.items, family, VisionPreamble.of(model))  # the rows as the trainer's collator makes them
     rows, index = golden_rows(batch, row_starts, config=None if mixes_media(family) else model.config)
     positions_same = _positions_same(model, batch)
     weights = loss_weights(batch.input_ids.shape[1], model.config.text_config.vocab_size)

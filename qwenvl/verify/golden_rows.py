@@ -17,7 +17,7 @@ __all__ = ["golden_batch", "golden_rows", "concat_rows"]
 
 def concat_rows(rows: Sequence[PackedBatch]) -> tuple[PackedBatch, list[int]]:
     """Packed rows as one batch of all their samples (in row order), and the token offsets where rows start."""
-    whole = PackedBatch([item for row in rows for item in row.items], rows[0].family)
+    whole = PackedBatch([item for row in rows for item in row.items], rows[0].family, rows[0].vision)
     starts = [0]
     for r in rows:
         starts.append(starts[-1] + r.input_ids.shape[1])

@@ -75,7 +75,7 @@ def run_packed(
     logits, start = [], 0
     with qwenvl.patch(model, **patch_options):
         for row in rows:
-            out = model(**row.with_pixels(dtype).to(device).model_inputs(convention)).logits[0]
+            out = model(**row.with_pixels(dtype).model_inputs(convention, device)).logits[0]
             end = start + out.shape[0]
             _weighted_backward(out, weights[index[start:end].to(weights.device)])
             logits.append(out.detach())

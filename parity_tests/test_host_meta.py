@@ -1,0 +1,173 @@
+"""The collator's host metadata: everything the patched forward would otherwise ask the device for.
+
+``PackedCollator`` (built for a model) computes on the host what the vision tower derives from ``grid_thw``
+(transformers >= 5.15 takes it as ``image_*`` / ``video_*`` kwargs: ``qwenvl.data.vision_meta``) and the boundaries
+of every cu_seqlens (``qwenvl.packing.HostMeta``). These tests prove, on the CPU, that the precomputed inputs are
+the tower's own (outputs and gradients bit-identical with and without them), that the tower really reads each of
+them (a wrong one changes the output), and that no boundary is read back from a tensor when the metadata is
+there. The host-sync count itself is judged on CUDA (``test_models.py::test_training_step_host_syncs``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwenvl
+from qwenvl.data.vision_meta import HOOKS_SINCE, VisionPreamble
+from qwenvl.families import FAMILIES
+from qwenvl.fixtures import tiny_model
+from qwenvl.packing import HOST_KEY, VarlenMeta
+from qwenvl.verify.batches import SampleSpec, make_sample, pack, split_by_media
+
+VISION_FAMILIES = tuple(FAMILIES)
+SPECS = (SampleSpec(text=7, image=(4, 6)), SampleSpec(text=5), SampleSpec(text=3, video=(2, 4, 4)), SampleSpec(text=4, image=(2, 2)))
+
+
+def _model_and_rows(family: str):
+    model = tiny_model(family, seed=3)
+    if not FAMILIES[family].available():
+        pytest.skip(f"{family} is not in this transformers release")
+    gen = torch.Generator().manual_seed(5)
+    rows = split_by_media(model.config, [make_sample(model.config, spec, generator=gen) for spec in SPECS])
+    return model, [pack(model, row) for row in rows]
+
+
+def _step(model, inputs_list) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = []
+    with qwenvl.patch(model, backend="sdpa"):
+        for inputs in inputs_list:
+            out = model(**inputs).logits
+            out.float().pow(2).mean().backward()
+            logits.append(out.detach())
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _preamble_or_skip(model) -> VisionPreamble:
+    preamble = VisionPreamble.of(model)
+    if preamble is None:
+        pytest.skip(f"transformers takes the vision tower's inputs precomputed from {HOOKS_SINCE}")
+    return preamble
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_precomputed_vision_inputs_are_the_towers_own(family):
+    model, rows = _model_and_rows(family)
+    _preamble_or_skip(model)
+    with_host = [row.model_inputs("upstream") for row in rows]
+    assert any(k.startswith(("image_", "video_")) and k.endswith("position_ids") for k in with_host[0]), sorted(with_host[0])
+    logits, grads = _step(model, with_host)
+    plain_logits, plain_grads = _step(model, [row.model_inputs("upstream", host=False) for row in rows])
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+    assert grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads), [n for n in grads if not torch.equal(grads[n], plain_grads[n])][:3]
+
+
+def _poisoned(value: torch.Tensor) -> torch.Tensor:
+    if value.is_floating_point():
+        return value.flip(0)
+    return value.flip(0) if value.ndim == 1 else torch.zeros_like(value)
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_the_tower_reads_every_precomputed_input(family):
+    """A wrong value in each precomputed tensor changes the logits: the tower takes it instead of recomputing."""
+    model, rows = _model_and_rows(family)
+    _preamble_or_skip(model)
+    row = next(r for r in rows if r.image_grid_thw is not None)
+    inputs = row.model_inputs("upstream")
+    names = [k for k in inputs if k.startswith("image_") and k != "image_grid_thw" and "cu_" not in k and isinstance(inputs[k], torch.Tensor)]
+    assert names, sorted(inputs)
+    (expected,), _ = _step(model, [inputs])
+    for name in names:
+        (changed,), _ = _step(model, [{**inputs, name: _poisoned(inputs[name])}])
+        assert not torch.equal(changed, expected), f"{family}: the tower ignored {name}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_no_boundary_is_read_back_from_a_tensor_with_the_host_metadata(family, monkeypatch):
+    model, rows = _model_and_rows(family)
+    read_back = []
+    real = VarlenMeta.from_cu_seqlens.__func__
+
+    def spy(cls, cu_seqlens, **kwargs):
+        if kwargs.get("host_offsets") is None:
+            read_back.append(tuple(cu_seqlens.shape))
+        return real(cls, cu_seqlens, **kwargs)
+
+    monkeypatch.setattr(VarlenMeta, "from_cu_seqlens", classmethod(spy))
+    with_host = [row.model_inputs("upstream") for row in rows]
+    _step(model, with_host)
+    if VisionPreamble.of(model) is not None:
+        assert read_back == [], f"boundaries read back from the device: {read_back}"
+    else:  # the tower builds its own cu_seqlens: its boundaries are read once per forward, the text's never
+        assert all(len(shape) == 1 for shape in read_back)
+    read_back.clear()
+    _step(model, [{k: v for k, v in inputs.items() if k != HOST_KEY} for inputs in with_host])
+    assert read_back, "the spy must see the boundaries read back without the host metadata"
+
+
+def _sync_sites(caught) -> list[str]:
+    """Where each recorded host sync came from: ``file:line`` of the Python call that made it."""
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["loss", "fused_loss"])
+@pytest.mark.parametrize("convention", ["upstream", "hf_positions"])
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_training_step_host_syncs(device, family, convention, fused, record_property):
+    """One training step (forward, loss, backward) of a packed row with images, a video and text, in bf16, moved to
+    the GPU as the trainer moves it: neither qwenvl nor the vision tower's preamble waits on the device. What
+    transformers itself still syncs on (the placeholder check, the split sizes, masked_scatter's backward, deepstack
+    masks, MoE dispatch) is recorded by site (``record_property``: the JUnit report, docs/benchmarks.md)."""
+    import warnings
+
+    from qwenvl.data import to_device
+    from qwenvl.patches._loss import liger_problem
+
+    if fused and liger_problem() is not None:
+        pytest.skip(f"the fused loss on CUDA needs Liger-Kernel: {liger_problem()}")
+    model, rows = _model_and_rows(family)
+    model = model.to(device, torch.bfloat16).train()
+    row = max(rows, key=lambda r: len(r.items))
+    inputs = row.with_pixels(torch.bfloat16).model_inputs(convention)
+    inputs["labels"] = row.labels
+    with qwenvl.patch(model, backend="torch", fused_cross_entropy=fused):
+        for attempt in ("warm-up", "measured"):
+            batch = to_device(inputs, device)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model(**batch).loss.backward()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            model.zero_grad(set_to_none=True)
+    sites = _sync_sites(caught)
+    record_property("host_sync_sites", sites)
+    package = str(Path(qwenvl.__file__).parent)
+    ours = [s for s in sites if s.startswith(package)]
+    preamble = [s for s in sites if "vision_utils.py" in s] if VisionPreamble.of(model) is not None else []
+    assert not ours, f"qwenvl waits on the device at {ours}"
+    assert not preamble, f"the vision tower recomputed its inputs at {preamble}"
+
+
+@pytest.mark.parametrize("offsets", [(0, 100, 164), (0, 1), (0, 64, 64, 65), (0, 0), (0, 200, 330, 331, 700)])
+def test_the_host_chunk_table_is_flas(offsets):
+    """The chunk table the fla glue hands over (built on the host) is what fla would build on the device."""
+    from qwenvl.patches._linear import FLA_CHUNK, chunk_indices
+
+    table = chunk_indices(offsets)
+    expected = [[s, j] for s in range(len(offsets) - 1) for j in range(0, offsets[s + 1] - offsets[s], FLA_CHUNK)]
+    assert table.tolist() == [[s, j // FLA_CHUNK] for s, j in expected]
+    try:
+        from fla.ops.utils.index import prepare_chunk_indices
+    except ImportError:
+        return  # fla is not installed here: the expectation above is its documented layout
+    cu = torch.tensor(offsets, dtype=torch.long)
+    assert torch.equal(prepare_chunk_indices(cu, FLA_CHUNK).cpu(), table)
