@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from qwenvl.options import InvalidOption, PatchOptions, current_names
+from qwenvl.packing import CONVENTIONS
 
 __all__ = ["ModelArguments", "DataArguments", "main", "run"]
 
@@ -73,7 +74,7 @@ class DataArguments:
     )
     packing_convention: str = field(
         default="upstream",
-        metadata={"help": "upstream (cu_seqlens mask), hf_positions (4-row positions) or hf_kwargs (plus flash kwargs)."},
+        metadata={"help": "How a packed row tells the model where samples start: " + ", ".join(CONVENTIONS) + " (qwenvl.packing)."},
     )
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
     truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
@@ -209,8 +210,6 @@ class Refused(ValueError):
 
 def _check_args(model_args: ModelArguments, options: PatchOptions, data_args: DataArguments, training_args) -> None:
     import importlib.util
-
-    from qwenvl.data import CONVENTIONS
 
     def one_of(flag: str, value, choices) -> None:
         if value not in choices:

@@ -9,7 +9,7 @@ every gradient (``qwenvl.verify.runs.judge_runs`` on ``(loss (1,), gradients)``)
     targets       the row's labels shifted left by one: IGNORE_INDEX at each sample's last token
     N             the targets of all rows together
 
-The labels are the collator's (``qwenvl.data.PackedCollator``) from the items' own (``qwenvl.data.synthetic``: the
+The labels are the collator's (``PackedBatch.labels``) from the items' own (``qwenvl.data.synthetic``: the
 ids, so every next token of a sample is a target; each sample's first label is masked in a row). Both sides sum the
 same terms in the same order, one sum per row, the oracle in its own dtype (float64 on the CPU) and the yardstick in
 float32, as the fused loss on the CPU and transformers' loss do: a scalar is judged, so its rounding must be alike.
@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from qwenvl.data import PackedCollator
 from qwenvl.packing import IGNORE_INDEX
 from qwenvl.verify.batches import PackedBatch, Sample, sample_inputs
 from qwenvl.verify.runs import gradients
@@ -30,14 +29,9 @@ from qwenvl.verify.runs import gradients
 __all__ = ["alone_loss", "packed_loss", "targets"]
 
 
-def _row_labels(row: PackedBatch, convention: str) -> torch.Tensor:
-    """The packed row's labels ``(1, T)`` (the collator's)."""
-    return PackedCollator(convention)(row.items)["labels"]
-
-
 def targets(rows: Sequence[PackedBatch], convention: str = "upstream") -> int:
     """N: the labelled targets of ``rows`` (a label is a target of the token before it, in its own sample)."""
-    return sum(int((_row_labels(row, convention)[0, 1:] != IGNORE_INDEX).sum()) for row in rows)
+    return sum(int((row.labels[0, 1:] != IGNORE_INDEX).sum()) for row in rows)
 
 
 def alone_loss(
@@ -56,7 +50,7 @@ def alone_loss(
         row = row.with_pixels(dtype)
         alone = [sample_inputs(model, Sample.of_item(item), device) for item in row.items]
         logits = torch.cat([model(**inputs, use_cache=False).logits[0] for inputs in alone])
-        shifted = F.pad(_row_labels(row, convention)[0, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+        shifted = F.pad(row.labels[0, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
         upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(upcast, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count
         loss.backward()
@@ -80,9 +74,8 @@ def packed_loss(
     try:
         with qwenvl.patch(model, **patch_options):
             for row in rows:
-                row = row.with_pixels(dtype).to(device)
-                inputs = row.model_inputs(convention)
-                loss = model(**inputs, labels=_row_labels(row, convention), num_items_in_batch=count).loss
+                inputs = row.with_pixels(dtype).model_inputs(convention, device)
+                loss = model(**inputs, labels=row.labels.to(device), num_items_in_batch=count).loss
                 loss.backward()
                 losses.append(loss.detach())
     finally:
