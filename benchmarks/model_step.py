@@ -5,7 +5,9 @@ width 1280, window attention) and Qwen3-VL-4B (24 blocks, width 1024, deepstack)
 width with fewer layers (``--text-layers``), and a Qwen3.5-shaped hybrid text model (3 Gated DeltaNet layers per
 attention layer) for the packed-vs-padded comparison. Every method runs the same batches in the same process:
 
-    ours                  qwenvl.patch(model), packed row, cu_seqlens mask
+    ours                  qwenvl.patch(model), packed row from the collator with its host metadata
+                          (PackedCollator.for_model: the vision tower's inputs and every boundary from the host)
+    ours-nohost           the same row without the host metadata (a user's own collator: the one-sync fallback)
     ours+fusedce          qwenvl.patch(model, fused_cross_entropy=True): Liger-Kernel's fused loss, no logits
     ours+compile          qwenvl.patch(model, compile=True): regional compilation
     ours+compile+fusedce  ... and fused_cross_entropy=True (Liger-Kernel)
@@ -13,17 +15,24 @@ attention layer) for the packed-vs-padded comparison. Every method runs the same
     padded                unpatched transformers, one sample per row padded to the longest (sdpa)
 
 A batch mixes images of several sizes, a video and text-only samples (``MIXES``). Reported: median step time
-after warm-up, tokens/s (text-model tokens), peak memory, MFU against the GPU's dense bf16 peak (FLOPs = 6 x
-parameters touched per token, text and vision towers counted separately, plus causal/full attention), and host
-syncs per step (``torch.cuda.set_sync_debug_mode``). Usage::
+after warm-up, tokens/s (text-model tokens), peak memory, MFU against the GPU's dense bf16 peak, and host syncs per
+step (``torch.cuda.set_sync_debug_mode``), each with the Python line that made it (the JSON's ``sync_sites``). The
+batch is moved to the GPU in every step as a trainer moves it (``qwenvl.data.to_device``: pinned, non_blocking).
+
+MFU's FLOPs: 6 x (text parameters but the embedding) x text tokens + 6 x vocab x hidden x text tokens (the lm_head's
+matmul, counted whether or not it is tied to the embedding) + 6 x vision parameters x patches + attention
+(3 x 4 x causal pairs x heads x head_dim per full-attention layer; the vision tower's windows and frames not
+counted). Usage::
 
     python benchmarks/model_step.py --out step.json [--models qwen2_5_vl qwen3_vl qwen3_5] [--methods ...]
+    python benchmarks/model_step.py --text-layers 0 ...     # full depth (the real models' layer counts)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 import gc
 import json
 import statistics
@@ -39,6 +48,7 @@ VOCAB = 151_936
 CONFIGS = {
     "qwen2_5_vl": dict(
         family="qwen2_5_vl",
+        full_layers=36,  # Qwen2.5-VL-3B
         text=dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
                   vocab_size=VOCAB, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
                   rope_theta=1e6, tie_word_embeddings=True),
@@ -48,6 +58,7 @@ CONFIGS = {
     ),
     "qwen3_vl": dict(
         family="qwen3_vl",
+        full_layers=36,  # Qwen3-VL-4B
         text=dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                   vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=5e6,
                   rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
@@ -58,6 +69,7 @@ CONFIGS = {
     ),
     "qwen3_5": dict(
         family="qwen3_5",
+        full_layers=24,  # this width's full-depth shape here (3 Gated DeltaNet layers per attention layer)
         text=dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
                   linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
                   linear_conv_kernel_dim=4, vocab_size=248_320, max_position_embeddings=32768,
@@ -87,7 +99,8 @@ def build(name: str, text_layers: int):
 
     cfg = CONFIGS[name]
     spec = get_family(cfg["family"])
-    text = dict(cfg["text"], num_hidden_layers=text_layers)
+    text = dict(cfg["text"], num_hidden_layers=text_layers or cfg["full_layers"])
+    text_layers = text["num_hidden_layers"]
     if name == "qwen3_5":
         text["layer_types"] = ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(text_layers)]
     config = getattr(transformers, spec.config_class)(text_config=text, vision_config=cfg["vision"], **cfg["tokens"])
@@ -108,16 +121,13 @@ def _labels(ids):
     return ids.clone()
 
 
-def packed_inputs(model, samples, convention):
-    from qwenvl.packing import mask_boundary_labels
+def packed_inputs(model, samples, convention, *, host=True):
+    """The collator's packed row on the host (moved per step by ``to_device``), labels included."""
     from qwenvl.verify.batches import pack
 
-    batch = pack(model, samples)
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.model_inputs(convention).items()}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(torch.bfloat16)
-    inputs["labels"] = mask_boundary_labels(batch.input_ids, batch.cu_seqlens).cuda()
+    batch = pack(model, samples).with_pixels(torch.bfloat16)
+    inputs = batch.model_inputs(convention, host=host)
+    inputs["labels"] = batch.labels
     _add_token_types(model, inputs)
     return inputs
 
@@ -128,7 +138,7 @@ def padded_inputs(model, samples):
     from qwenvl.verify.batches import pack
 
     batch = PaddedCollator(pad_token_id=0)(pack(model, samples).items)
-    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).cuda() for k, v in batch.items()}
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.items()}
     _add_token_types(model, inputs)
     return inputs
 
@@ -143,7 +153,8 @@ def _add_token_types(model, inputs):
 
 
 def flops_per_step(model, samples) -> float:
-    text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
+    """The module docstring's formula."""
+    text_params = sum(p.numel() for n, p in model.named_parameters() if not any(k in n for k in ("visual", "embed_tokens", "lm_head")))
     vision_params = sum(p.numel() for n, p in model.named_parameters() if "visual" in n)
     tokens = sum(len(s) for s in samples)
     patches = sum(int(g.prod(-1).sum()) for s in samples for g in (s.image_grid_thw, s.video_grid_thw) if g is not None)
@@ -152,7 +163,8 @@ def flops_per_step(model, samples) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     causal_pairs = sum(len(s) * (len(s) + 1) / 2 for s in samples)
     attn = 3 * 4 * causal_pairs * cfg.num_attention_heads * head_dim * attn_layers
-    return 6 * text_params * tokens + 6 * vision_params * patches + attn
+    lm_head = 6 * cfg.vocab_size * cfg.hidden_size * tokens
+    return 6 * text_params * tokens + lm_head + 6 * vision_params * patches + attn
 
 
 def run_method(model, method, samples, *, warmup, iters):
@@ -167,45 +179,56 @@ def run_method(model, method, samples, *, warmup, iters):
     if method in patch_kwargs:
         ctx = qwenvl.patch(model, **patch_kwargs[method])
         inputs = packed_inputs(model, samples, "upstream")
+    elif method == "ours-nohost":
+        ctx, inputs = qwenvl.patch(model), packed_inputs(model, samples, "upstream", host=False)
     elif method == "native-packed":
-        ctx, inputs = contextlib.nullcontext(), packed_inputs(model, samples, "hf_positions")
-        inputs.pop("attention_mask", None)
+        ctx, inputs = contextlib.nullcontext(), packed_inputs(model, samples, "hf_positions", host=False)
     elif method == "padded":
         ctx, inputs = contextlib.nullcontext(), padded_inputs(model, samples)
     else:
         raise ValueError(method)
-    times, syncs = [], None
+    from qwenvl.data import to_device
+
+    times, sites = [], None
     torch.cuda.reset_peak_memory_stats()
     with ctx:
         for i in range(warmup + iters):
             model.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-            if i == warmup:  # one timed step under the sync detector (not timed itself)
+            if i == warmup:  # one step under the sync detector (not timed itself)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     torch.cuda.set_sync_debug_mode("warn")
                     try:
-                        model(**inputs, use_cache=False).loss.backward()
+                        model(**to_device(inputs, "cuda"), use_cache=False).loss.backward()
                     finally:
                         torch.cuda.set_sync_debug_mode(0)
-                syncs = sum("synchroniz" in str(w.message) for w in caught)
+                sites = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
                 torch.cuda.synchronize()
                 continue
             start = time.perf_counter()
-            model(**inputs, use_cache=False).loss.backward()
+            model(**to_device(inputs, "cuda"), use_cache=False).loss.backward()
             torch.cuda.synchronize()
             if i > warmup:
                 times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, syncs
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, sites
+
+
+def _short(site: str) -> str:
+    """``transformers/models/qwen2_vl/modeling_qwen2_vl.py:1026`` rather than the whole path."""
+    for anchor in ("/transformers/", "/qwenvl/", "/torch/", "/fla/", "/liger_kernel/"):
+        if anchor in site:
+            return anchor.strip("/") + "/" + site.split(anchor, 1)[1]
+    return site
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["qwen2_5_vl", "qwen3_vl"], choices=list(CONFIGS))
     p.add_argument("--mixes", nargs="+", default=["images-12x448", "mixed"], choices=list(MIXES))
-    p.add_argument("--methods", nargs="+", default=["ours", "ours+compile", "ours+compile+fusedce", "native-packed", "padded"])
-    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--methods", nargs="+", default=["ours", "ours-nohost", "ours+compile", "ours+compile+fusedce", "native-packed", "padded"])
+    p.add_argument("--text-layers", type=int, default=8, help="text decoder layers; 0: the real model's (full depth)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--out")
@@ -226,7 +249,8 @@ def main(argv=None) -> int:
             base = None
             for method in args.methods:
                 try:
-                    seconds, gib, syncs = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
+                    seconds, gib, sites = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
+                    syncs = len(sites)
                 except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, the rest go on
                     print(f"{name:<11} {mix:<14} {method:<21} failed: {type(exc).__name__}: {str(exc)[:160]}")
                     rows.append({"model": name, "mix": mix, "method": method, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -236,7 +260,7 @@ def main(argv=None) -> int:
                 mfu = flops / seconds / peak if peak else None
                 row = {"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
                        "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": mfu, "host_syncs": syncs,
-                       "speedup_vs_ours": base / seconds}
+                       "sync_sites": dict(Counter(_short(s) for s in sites)), "speedup_vs_ours": base / seconds}
                 rows.append(row)
                 print(f"{name:<11} {mix:<14} {method:<21} {tokens:>6} {seconds*1e3:>8.1f} {tokens/seconds:>8.0f} {gib:>6.1f} "
                       f"{(mfu or 0)*100:>4.0f}% {syncs if syncs is not None else '-':>5} {base/seconds:>6.2f}x", flush=True)
