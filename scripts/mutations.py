@@ -183,7 +183,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "padding_mask_treated_as_packed",
         "any non-float attention mask is taken for cu_seqlens",
-        "qwenvl/patches/_dispatch.py",
+        "qwenvl/patches/_entry.py",
         ((
             "is_cu_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 1",
             "is_cu_mask = isinstance(attention_mask, torch.Tensor) and not attention_mask.dtype.is_floating_point",
