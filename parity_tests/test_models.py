@@ -710,7 +710,7 @@ def test_host_syncs_do_not_grow_with_depth(device, convention):
         model = tiny_model("qwen3_vl", num_hidden_layers=layers).to(device, torch.bfloat16)
         gen = torch.Generator().manual_seed(0)
         batch = pack(model, [make_sample(model.config, SampleSpec(n), generator=gen) for n in (40, 17, 66)])
-        inputs = batch.to(device).model_inputs(convention)
+        inputs = batch.model_inputs(convention, device)
         with torch.no_grad(), qwenvl.patch(model, backend="torch"):
             model(**inputs, use_cache=False)  # warm up lazy initialisation
             torch.cuda.synchronize()

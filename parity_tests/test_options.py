@@ -197,7 +197,7 @@ def test_verify_refuses_a_bad_value_in_one_line(args, message, verify_calls, mon
 
 def _verify_fused(tmp_path) -> tuple[int, dict]:
     out = tmp_path / "r.json"
-    argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream"]
+    argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--device", "cpu", "--packing_convention", "upstream"]
     code = cli.main([*argv, "--fused_cross_entropy", "--no_golden", "--json", str(out)])
     return code, json.loads(out.read_text())["cases"][0]
 

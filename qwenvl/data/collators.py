@@ -110,7 +110,8 @@ class PackedCollator:
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         samples = _flatten(items)
-        lengths = torch.tensor([s["input_ids"].numel() for s in samples])
+        # On the samples' device (the host in a DataLoader; tests may collate rows already on the GPU).
+        lengths = torch.tensor([s["input_ids"].numel() for s in samples], device=samples[0]["input_ids"].device)
         cu_seqlens = lengths_to_cu_seqlens(lengths)
         labels_T = mask_boundary_labels(torch.cat([s["labels"] for s in samples]), cu_seqlens, IGNORE_INDEX)
         positions_3T = torch.cat([s["position_ids"] for s in samples], dim=-1)
