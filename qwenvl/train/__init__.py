@@ -1,5 +1,7 @@
-"""Training: ``QwenVLTrainer`` (``trainer``), per-component optimizer groups (``optim``), the trainable report
-(``report``), ``qwenvl train`` (``run``), many GPUs (``distributed``) and the upstream drop-in (``upstream``)."""
+"""Training: ``QwenVLTrainer`` (``trainer``), per-component optimizer groups (``optim``) and the optimizer built
+from them (``component_optimizer``), the DeepSpeed config check (``deepspeed_config``), checkpoint saving and
+resuming (``checkpoint``), packed batches and the patch (``packed_patch``), the trainable report (``report``),
+``qwenvl train`` (``run``), many GPUs (``distributed``) and the upstream drop-in (``upstream``)."""
 
 from qwenvl._checkout import CheckoutPath
 

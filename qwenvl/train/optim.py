@@ -36,6 +36,7 @@ __all__ = [
     "classify",
     "build_param_groups",
     "component_lrs",
+    "component_lrs_given",
     "group_name",
     "UnreachedLearningRate",
     "upstream_param_groups",
@@ -147,6 +148,13 @@ class UnreachedLearningRate(ValueError):
 
 _LR_OF = {"vision": "vision_tower_lr", "projector": "mm_projector_lr"}
 _WHAT = {"vision": "the vision tower (every '*visual*' parameter but the projector)", "projector": "the projector ('*merger*')"}
+_PER_COMPONENT = ("mm_projector_lr", "vision_tower_lr")
+
+
+def component_lrs_given(args) -> dict[str, float]:
+    """The per-component learning rates set on training arguments ``args`` (plain transformers arguments have
+    none), by argument name, ``mm_projector_lr`` first."""
+    return {name: value for name in _PER_COMPONENT if (value := getattr(args, name, None)) is not None}
 
 
 def _default_decay_names(model: torch.nn.Module) -> list[str]:

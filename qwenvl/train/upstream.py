@@ -10,10 +10,11 @@ adds ``print_trainable_parameters`` to the vision and language model classes. Wi
 
 :func:`install` does what that import did, explicitly, correctly and reversibly (``install().revert()``):
 
-- ``transformers.Trainer`` builds qwenvl's optimizer groups (:func:`qwenvl.train.trainer.create_component_optimizer`):
-  ``mm_projector_lr`` / ``vision_tower_lr`` each on its own, ``0.0`` meaning zero, and a rate set for a
-  component with nothing trainable is an error; a DeepSpeed config that would drop them is refused when
-  training starts; an ``optimizer.pt`` written by upstream's trainer resumes (its groups mapped by parameter).
+- ``transformers.Trainer`` builds qwenvl's optimizer groups
+  (:func:`qwenvl.train.component_optimizer.create_component_optimizer`): ``mm_projector_lr`` /
+  ``vision_tower_lr`` each on its own, ``0.0`` meaning zero, and a rate set for a component with nothing
+  trainable is an error; a DeepSpeed config that would drop them is refused when training starts; an
+  ``optimizer.pt`` written by upstream's trainer resumes (its groups mapped by parameter).
 - every supported family's models get ``print_trainable_parameters()`` with upstream's lines, from qwenvl's
   trainable report; the ``ForConditionalGeneration`` classes get ``visual`` and ``language_model`` where the
   installed release no longer has them (5.x moved both under ``model.model``).
@@ -30,18 +31,18 @@ import functools
 import importlib
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import transformers
 
 from qwenvl._checkout import checkout_file, load_checkout_module
-from qwenvl.patches._handle import PatchRecorder
+from qwenvl.train.checkpoint import load_optimizer_and_scheduler_adopting
+from qwenvl.train.component_optimizer import create_component_optimizer
+from qwenvl.train.deepspeed_config import check_deepspeed_config
 from qwenvl.train.report import upstream_trainable_lines
-from qwenvl.train.trainer import (
-    check_deepspeed_config,
-    create_component_optimizer,
-    load_optimizer_and_scheduler_adopting,
-    replace_qwen2_vl_attention_class,
-)
+
+if TYPE_CHECKING:
+    from qwenvl.patches._handle import PatchRecorder
 
 __all__ = ["install", "UpstreamHandle", "replace_qwen2_vl_attention_class", "SHADOWED"]
 
@@ -49,6 +50,28 @@ logger = logging.getLogger(__name__)
 
 # Modules of upstream's checkout that a module of ours shadows by name, and that its script imports.
 SHADOWED = ("qwenvl.train.argument",)
+
+_WARNED_PLAIN_TRAINER = False
+
+
+def replace_qwen2_vl_attention_class(backend: str = "auto"):
+    """Upstream-compatible entry point: patch all supported Qwen-VL families for packed batches.
+
+    Attention only. Upstream's module also made every ``Trainer`` honour ``mm_projector_lr`` /
+    ``vision_tower_lr``; a plain ``transformers.Trainer`` ignores them, so this says so once (loudly) unless
+    :func:`install` has made every Trainer build qwenvl's groups.
+    """
+    global _WARNED_PLAIN_TRAINER
+    from qwenvl.patches import patch
+
+    if not getattr(transformers.Trainer.create_optimizer, "__qwenvl_upstream__", False) and not _WARNED_PLAIN_TRAINER:
+        _WARNED_PLAIN_TRAINER = True
+        logger.warning(
+            "replace_qwen2_vl_attention_class patches attention only: a plain transformers.Trainer ignores "
+            "mm_projector_lr and vision_tower_lr. Train with QwenVLTrainer, or call qwenvl.train.upstream.install() "
+            "(upstream's train_qwen.py: docs/migration.md)"
+        )
+    return patch(backend=backend)
 
 
 class UpstreamHandle:
@@ -157,6 +180,10 @@ def install() -> UpstreamHandle:
     undone by the returned handle's ``revert()``. Nothing is left half-applied: a step that fails undoes the
     ones before it.
     """
+    # Here, not at import: qwenvl.train.trainer imports this module (it re-exports replace_qwen2_vl_attention_class),
+    # and importing the trainer must load nothing of qwenvl.patches.
+    from qwenvl.patches._handle import PatchRecorder
+
     recorder = PatchRecorder()
     try:
         if getattr(transformers.Trainer.create_optimizer, "__qwenvl_upstream__", False):

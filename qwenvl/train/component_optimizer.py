@@ -1,0 +1,111 @@
+"""The optimizer over per-component parameter groups, built where transformers builds its own.
+
+:func:`create_component_optimizer` is what ``QwenVLTrainer.create_optimizer`` does and, after
+``qwenvl.train.upstream.install()``, what every ``transformers.Trainer.create_optimizer`` does: the optimizer
+``--optim`` names, over :func:`qwenvl.train.optim.build_param_groups`, or an error wherever the per-component
+learning rates could not take effect (an ``--optim`` that builds its own groups, FSDP1's flattened parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers.trainer
+
+from qwenvl.train.optim import build_param_groups, component_lrs_given
+
+__all__ = ["create_component_optimizer"]
+
+# Built for QwenVLTrainer (and upstream.install's Trainer): its lines keep the trainer's logger, as before this
+# module existed.
+logger = logging.getLogger("qwenvl.train.trainer")
+
+
+def _optimizer_factory_check():
+    # Optimizer factories (Muon, Dion) arrived in 5.x; older releases have no such thing.
+    return getattr(transformers.trainer, "is_optimizer_factory", lambda cls: False)
+
+
+def _split_by_device_mesh(groups: list[dict]) -> list[dict]:
+    """Give parameters on different device meshes their own groups (fused/foreach kernels need one mesh)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return groups
+    if not any(isinstance(p, DTensor) for group in groups for p in group["params"]):
+        return groups
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for p in group["params"]:
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        split.extend({**group, "params": params} for params in by_mesh.values())
+    return split
+
+
+def create_component_optimizer(trainer, model=None, *, fallback):
+    """The optimizer ``trainer.args.optim`` names, over :func:`build_param_groups` of ``model`` (default
+    ``trainer.model``): what ``QwenVLTrainer.create_optimizer`` and, after ``qwenvl.train.upstream.install()``,
+    every ``transformers.Trainer`` build. Keeps ``trainer.optimizer`` if one is set already.
+
+    ``fallback(model)`` builds transformers' own optimizer, for an ``--optim`` that makes its own groups.
+    Raises ``ValueError`` wherever the per-component learning rates could not take effect, and
+    :class:`qwenvl.train.optim.UnreachedLearningRate` for one set on a component with nothing to train.
+    """
+    if trainer.optimizer is not None:
+        return trainer.optimizer
+    opt_model = trainer.model if model is None else model
+
+    if trainer.optimizer_cls_and_kwargs is not None:
+        optimizer_cls, optimizer_kwargs = trainer.optimizer_cls_and_kwargs
+    else:
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, opt_model)
+    optimizer_kwargs = dict(optimizer_kwargs)
+
+    builds_own_groups = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
+    if builds_own_groups or _optimizer_factory_check()(optimizer_cls):
+        if lrs := component_lrs_given(trainer.args):
+            raise ValueError(
+                f"--optim {trainer.args.optim} builds its own parameter groups, so {' and '.join(lrs)} cannot be "
+                "applied. Use an optimizer that takes parameter groups (e.g. adamw_torch) or unset them."
+            )
+        return fallback(model)
+
+    flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
+    if flat and component_lrs_given(trainer.args):
+        raise ValueError(
+            f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
+            f"{' and '.join(component_lrs_given(trainer.args))} cannot be told apart by name: use FSDP2 "
+            "(fsdp_version 2) or use_orig_params=True"
+        )
+    groups = build_param_groups(
+        opt_model,
+        lr=trainer.args.learning_rate,
+        weight_decay=trainer.args.weight_decay,
+        mm_projector_lr=getattr(trainer.args, "mm_projector_lr", None),
+        vision_tower_lr=getattr(trainer.args, "vision_tower_lr", None),
+        decay_parameter_names=trainer.get_decay_parameter_names(opt_model),
+        require_reach=True,
+    )
+    trainer.optimizer = optimizer_cls(_split_by_device_mesh(groups), **optimizer_kwargs)
+
+    if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits") == 8:
+        # As transformers does: 8-bit state for embeddings hurts; keep theirs in 32 bits.
+        import bitsandbytes
+
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in opt_model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+    for group in groups if trainer.is_world_process_zero() else ():
+        logger.info(
+            "optimizer group %s: %d tensors, %d parameters, lr %g, weight decay %g",
+            group["name"],
+            len(group["params"]),
+            sum(p.numel() for p in group["params"]),
+            group["lr"],
+            group["weight_decay"],
+        )
+    return trainer.optimizer
