@@ -56,15 +56,8 @@ def create_component_optimizer(trainer, model=None, *, fallback):
     if trainer.optimizer is not None:
         return trainer.optimizer
     opt_model = trainer.model if model is None else model
-
-    if trainer.optimizer_cls_and_kwargs is not None:
-        optimizer_cls, optimizer_kwargs = trainer.optimizer_cls_and_kwargs
-    else:
-        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, opt_model)
-    optimizer_kwargs = dict(optimizer_kwargs)
-
-    builds_own_groups = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
-    if builds_own_groups or _optimizer_factory_check()(optimizer_cls):
+    optimizer_cls, optimizer_kwargs = _optimizer_cls_and_kwargs(trainer, opt_model)
+    if _builds_own_groups(optimizer_cls, optimizer_kwargs):
         if lrs := component_lrs_given(trainer.args):
             raise ValueError(
                 f"--optim {trainer.args.optim} builds its own parameter groups, so {' and '.join(lrs)} cannot be "
@@ -72,13 +65,7 @@ def create_component_optimizer(trainer, model=None, *, fallback):
             )
         return fallback(model)
 
-    flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
-    if flat and component_lrs_given(trainer.args):
-        raise ValueError(
-            f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
-            f"{' and '.join(component_lrs_given(trainer.args))} cannot be told apart by name: use FSDP2 "
-            "(fsdp_version 2) or use_orig_params=True"
-        )
+    _refuse_flat_params(opt_model, trainer.args)
     groups = build_param_groups(
         opt_model,
         lr=trainer.args.learning_rate,
@@ -89,7 +76,39 @@ def create_component_optimizer(trainer, model=None, *, fallback):
         require_reach=True,
     )
     trainer.optimizer = optimizer_cls(_split_by_device_mesh(groups), **optimizer_kwargs)
+    _keep_embeddings_32bit(optimizer_cls, optimizer_kwargs, opt_model)
+    if trainer.is_world_process_zero():
+        _log_groups(groups)
+    return trainer.optimizer
 
+
+def _optimizer_cls_and_kwargs(trainer, opt_model) -> tuple[type, dict]:
+    """The optimizer class and its keyword arguments (a copy): the trainer's own, else what ``--optim`` names."""
+    if trainer.optimizer_cls_and_kwargs is not None:
+        optimizer_cls, optimizer_kwargs = trainer.optimizer_cls_and_kwargs
+    else:
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, opt_model)
+    return optimizer_cls, dict(optimizer_kwargs)
+
+
+def _builds_own_groups(optimizer_cls, optimizer_kwargs: dict) -> bool:
+    """Whether the optimizer makes its own parameter groups (GaLore, LOMO, layer-wise, optimizer factories)."""
+    own = any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict"))
+    return own or _optimizer_factory_check()(optimizer_cls)
+
+
+def _refuse_flat_params(opt_model, args) -> None:
+    """FSDP1 without ``use_orig_params`` leaves no parameter names to tell the components apart by."""
+    flat = [name for name, _ in opt_model.named_parameters() if "_flat_param" in name]
+    if flat and (lrs := component_lrs_given(args)):
+        raise ValueError(
+            f"FSDP1 without use_orig_params flattened the parameters into {flat[0]!r}, so "
+            f"{' and '.join(lrs)} cannot be told apart by name: use FSDP2 "
+            "(fsdp_version 2) or use_orig_params=True"
+        )
+
+
+def _keep_embeddings_32bit(optimizer_cls, optimizer_kwargs: dict, opt_model) -> None:
     if "bitsandbytes" in str(optimizer_cls) and optimizer_kwargs.get("optim_bits") == 8:
         # As transformers does: 8-bit state for embeddings hurts; keep theirs in 32 bits.
         import bitsandbytes
@@ -99,7 +118,9 @@ def create_component_optimizer(trainer, model=None, *, fallback):
             if isinstance(module, torch.nn.Embedding):
                 manager.register_module_override(module, "weight", {"optim_bits": 32})
 
-    for group in groups if trainer.is_world_process_zero() else ():
+
+def _log_groups(groups: list[dict]) -> None:
+    for group in groups:
         logger.info(
             "optimizer group %s: %d tensors, %d parameters, lr %g, weight decay %g",
             group["name"],
@@ -108,4 +129,3 @@ def create_component_optimizer(trainer, model=None, *, fallback):
             group["lr"],
             group["weight_decay"],
         )
-    return trainer.optimizer
