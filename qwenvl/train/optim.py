@@ -195,25 +195,46 @@ def build_param_groups(
     """
     lrs = component_lrs(lr, mm_projector_lr=mm_projector_lr, vision_tower_lr=vision_tower_lr)
     decay_names = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
+    buckets = _bucket_params(model, decay_names)
+    if require_reach:
+        _check_reach(buckets, {"vision": vision_tower_lr, "projector": mm_projector_lr})
+    groups = _groups(buckets, lrs, weight_decay)
+    _warn_zero_lrs(buckets, lrs)
+    return groups
 
-    buckets: dict[tuple[Component, bool], list[torch.nn.Parameter]] = {
-        (component, decay): [] for component in COMPONENTS for decay in (True, False)
-    }
+
+_Buckets = dict[tuple[Component, bool], list[torch.nn.Parameter]]
+
+
+def _bucket_params(model: torch.nn.Module, decay_names: set[str]) -> _Buckets:
+    """The trainable parameters of ``model`` by (component, decay); every pair is a key, in the groups' order."""
+    buckets: _Buckets = {(component, decay): [] for component in COMPONENTS for decay in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = name in decay_names and not name.endswith("bias")
         buckets[classify(name), decay].append(param)
+    return buckets
 
-    if require_reach:
-        for component, what in _LR_OF.items():
-            value = {"vision": vision_tower_lr, "projector": mm_projector_lr}[component]
-            if value is not None and not (buckets[component, True] or buckets[component, False]):
-                raise UnreachedLearningRate(
-                    f"{what}={value} reaches no trainable parameter: {_WHAT[component]} is frozen or absent. "
-                    f"Make it trainable (--tune_mm_{'vision' if component == 'vision' else 'mlp'} True) or unset {what}"
-                )
 
+def _trains(buckets: _Buckets, component: Component) -> bool:
+    return bool(buckets[component, True] or buckets[component, False])
+
+
+def _check_reach(buckets: _Buckets, given: dict[Component, float | None]) -> None:
+    """Raise :class:`UnreachedLearningRate` for a rate in ``given`` (``None``: unset) whose component has no
+    trainable parameter."""
+    for component, what in _LR_OF.items():
+        value = given[component]
+        if value is not None and not _trains(buckets, component):
+            raise UnreachedLearningRate(
+                f"{what}={value} reaches no trainable parameter: {_WHAT[component]} is frozen or absent. "
+                f"Make it trainable (--tune_mm_{'vision' if component == 'vision' else 'mlp'} True) or unset {what}"
+            )
+
+
+def _groups(buckets: _Buckets, lrs: dict[Component, float], weight_decay: float) -> list[dict]:
+    """One group per non-empty bucket, in the fixed order base, vision, projector, each decay then no-decay."""
     groups = []
     for component in COMPONENTS:
         for decay in (True, False):
@@ -227,16 +248,18 @@ def build_param_groups(
                         "name": group_name(component, decay),
                     }
                 )
+    return groups
 
-    for component, what in (("vision", "vision_tower_lr"), ("projector", "mm_projector_lr")):
-        if lrs[component] == 0.0 and (buckets[component, True] or buckets[component, False]):
+
+def _warn_zero_lrs(buckets: _Buckets, lrs: dict[Component, float]) -> None:
+    for component, what in _LR_OF.items():
+        if lrs[component] == 0.0 and _trains(buckets, component):
             logger.warning(
                 "%s is 0.0: its %s parameters will not change but still hold optimizer state and gradients; "
                 "set requires_grad=False on them instead to save memory.",
                 what,
                 component,
             )
-    return groups
 
 
 # -- optimizer states written by the upstream Qwen-VL fine-tuning trainer -----------------------------------
