@@ -253,11 +253,9 @@ def run(
     """Train and save; returns the Trainer's train metrics plus the data summary (``ranks``: the per-rank
     packing report when rows were packed for several ranks). ``options``: what ``qwenvl.patch`` is given;
     ``callbacks``: extra ``TrainerCallback``s."""
-    import torch
-    import qwenvl
-    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator, SupervisedDataset, check_rows
-    from qwenvl.data.processor import load_processor, save_processor, videos_available
-    from qwenvl.train.trainer import QwenVLTrainer, SaveProcessorCallback
+    from qwenvl.data import check_rows
+    from qwenvl.data.processor import load_processor, save_processor
+    from qwenvl.train.trainer import SaveProcessorCallback
 
     _check_args(model_args, options, data_args, training_args)
     model_path = model_args.model_name_or_path or _default_model_dir()
@@ -266,21 +264,43 @@ def run(
     model_class = _model_class(model_path)
     check_rows(data_path, seed=training_args.seed, skip_bad_samples=data_args.skip_bad_samples)
     processor = load_processor(model_path)
-    model = model_class.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
-    _freeze(model, model_args)
-    if model_args.lora_enable:
-        model = _lora(model, model_args)
+    model = _load_model(model_class, model_path, model_args)
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     # Our collators build exactly the model's inputs; the Trainer's column filter would only get in the way.
     training_args.remove_unused_columns = False
+
+    dataset = _dataset(data_path, processor, model, data_args, training_args)
+    train_dataset, collator, summary = _rows(dataset, processor, data_args, training_args)
+    callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
+    trainer, result = _train(model, train_dataset, collator, training_args, options=options, callbacks=callbacks)
+    if trainer.is_world_process_zero():
+        save_processor(processor, model_path, training_args.output_dir)
+    return {**result.metrics, **summary}
+
+
+def _load_model(model_class, model_path: str, model_args: ModelArguments):
+    """The model in ``--dtype``, frozen by ``--tune_mm_*``, wrapped in LoRA with ``--lora_enable``."""
+    import torch
+
+    model = model_class.from_pretrained(model_path, dtype=getattr(torch, model_args.dtype))
+    _freeze(model, model_args)
+    if model_args.lora_enable:
+        model = _lora(model, model_args)
+    return model
+
+
+def _dataset(data_path: str, processor, model, data_args: DataArguments, training_args):
+    """The checked samples (``SupervisedDataset``); the demo's video rows are skipped where videos cannot load."""
+    from qwenvl.data import SupervisedDataset
+    from qwenvl.data.processor import videos_available
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     skip_bad = data_args.skip_bad_samples
     if data_args.data_path is None and not videos_available(processor):
         logger.warning("qwenvl train: torchvision is not installed: the demo's video rows are skipped")
         skip_bad = True
-    dataset = SupervisedDataset(
+    return SupervisedDataset(
         data_path,
         processor,
         model=base,
@@ -290,27 +310,39 @@ def run(
         num_workers=data_args.data_check_workers,
         seed=training_args.seed,
     )
+
+
+def _rows(dataset, processor, data_args: DataArguments, training_args) -> tuple:
+    """``(train_dataset, collator, summary)``: the samples packed into rows (``--packing``, the default) or
+    padded into batches, and the data summary (``data``, ``truncated``, ``skipped``; with packing ``packing``,
+    ``fill_ratio`` and, packed for several ranks, ``ranks``)."""
+    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator
+
     summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
     if training_args.process_index == 0:
         logger.warning("qwenvl train: data: %s", summary["data"])
-    if data_args.packing:
-        shards = data_args.pack_shards or training_args.world_size
-        budget = data_args.pack_budget or data_args.model_max_length
-        train_dataset = PackedDataset(dataset, budget, seed=training_args.seed, shards=shards)
-        collator = PackedCollator(data_args.packing_convention)
-        summary["packing"] = train_dataset.packing.summary()
-        summary["fill_ratio"] = train_dataset.packing.fill_ratio
-        if shards > 1:
-            summary["ranks"] = train_dataset.packing.report()
-        if training_args.process_index == 0:
-            logger.warning("qwenvl train: packing: %s", summary["packing"])
-    else:
-        train_dataset = dataset
+    if not data_args.packing:
         pad = processor.tokenizer.pad_token_id
-        collator = PaddedCollator(pad if pad is not None else 0)
+        return dataset, PaddedCollator(pad if pad is not None else 0), summary
+    shards = data_args.pack_shards or training_args.world_size
+    budget = data_args.pack_budget or data_args.model_max_length
+    train_dataset = PackedDataset(dataset, budget, seed=training_args.seed, shards=shards)
+    summary["packing"] = train_dataset.packing.summary()
+    summary["fill_ratio"] = train_dataset.packing.fill_ratio
+    if shards > 1:
+        summary["ranks"] = train_dataset.packing.report()
+    if training_args.process_index == 0:
+        logger.warning("qwenvl train: packing: %s", summary["packing"])
+    return train_dataset, PackedCollator(data_args.packing_convention), summary
+
+
+def _train(model, train_dataset, collator, training_args, *, options: PatchOptions, callbacks: list):
+    """Train the model, patched with ``options`` for the run, with ``QwenVLTrainer`` and save it to
+    ``--output_dir``; returns the trainer and ``train``'s result."""
+    import qwenvl
+    from qwenvl.train.trainer import QwenVLTrainer
 
     with qwenvl.patch(model, options=options):
-        callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
         trainer = QwenVLTrainer(
             model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks
         )
@@ -320,9 +352,7 @@ def run(
         finally:
             if trainer.vision_dummy is not None:
                 trainer.vision_dummy.remove()
-    if trainer.is_world_process_zero():
-        save_processor(processor, model_path, training_args.output_dir)
-    return {**result.metrics, **summary}
+    return trainer, result
 
 
 def _missing_train_extra() -> str | None:
