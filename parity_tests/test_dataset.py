@@ -83,7 +83,11 @@ def test_packed_rows_from_the_dataset_run_on_the_patched_model(demo):
     ds = _dataset("qwen2_5_vl", _write(demo, _rows(demo)))
     rows = PackedDataset(ds, budget=1024)
     assert 0 < rows.packing.fill_ratio <= 1 and sum(len(r) for r in rows.packing.rows) == len(ds)
-    loader = torch.utils.data.DataLoader(rows, batch_size=1, collate_fn=PackedCollator(), num_workers=2)
+    # forkserver, as qwenvl train's loader: a worker forked from this process (CUDA, xdist's and the decoders'
+    # threads running) hung on an H200 waiting for its first batch; a fresh interpreter inherits none of them.
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=1, collate_fn=PackedCollator(), num_workers=2, multiprocessing_context="forkserver"
+    )
     _, model = _load("qwen2_5_vl")
     with qwenvl.patch(model), torch.no_grad():
         for batch in loader:

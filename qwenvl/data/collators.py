@@ -144,8 +144,8 @@ def to_device(batch: dict, device) -> dict:
     def move(value):
         if not isinstance(value, torch.Tensor) or value.device == device:
             return value
-        if pin and value.device.type == "cpu":
-            value = value.pin_memory()
+        if pin and value.device.type == "cpu" and not value.is_pinned():
+            value = value.pin_memory()  # the DataLoader's pinning thread has usually done it already
         return value.to(device, non_blocking=pin)
 
     return {key: move(value) for key, value in batch.items()}

@@ -54,7 +54,10 @@ def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tens
         starts = [o for o in meta.offsets[1:-1]]  # flattened positions where a sample starts inside the batch
         if starts:
             flat = shifted.reshape(-1).clone()
-            flat[torch.tensor(starts, dtype=torch.long, device=flat.device) - 1] = IGNORE_INDEX
+            before = torch.tensor(starts, dtype=torch.long) - 1  # built on the host, uploaded without a sync
+            if flat.is_cuda:
+                before = before.pin_memory().to(flat.device, non_blocking=True)
+            flat[before.to(flat.device)] = IGNORE_INDEX
             shifted = flat.reshape(B, L)
     return shifted
 
