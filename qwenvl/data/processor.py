@@ -66,6 +66,11 @@ def load_processor(model_dir: str | Path):
                 return NoVideoProcessor
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        def __reduce__(self):
+            # A class made here cannot be pickled by name: a DataLoader worker started afresh (forkserver, spawn)
+            # loads the same processor from the same folder instead.
+            return load_processor, (model_dir,)
+
     ImagesOnlyProcessor.__name__ = processor_cls.__name__
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     parts = {"image_processor": image_processor, "tokenizer": tokenizer, "video_processor": NoVideoProcessor()}
