@@ -53,12 +53,13 @@ def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tens
     if meta is not None:
         starts = [o for o in meta.offsets[1:-1]]  # flattened positions where a sample starts inside the batch
         if starts:
-            flat = shifted.reshape(-1).clone()
-            before = torch.tensor(starts, dtype=torch.long) - 1  # built on the host, uploaded without a sync
-            if flat.is_cuda:
-                before = before.pin_memory().to(flat.device, non_blocking=True)
-            flat[before.to(flat.device)] = IGNORE_INDEX
-            shifted = flat.reshape(B, L)
+            # The positions before each start, as a mask built on the host and uploaded without a sync (an
+            # index_put on the GPU synced: H100, torch 2.11); torch.where then needs no host either.
+            before = torch.zeros(B * L, dtype=torch.bool)
+            before[torch.tensor(starts, dtype=torch.long) - 1] = True
+            if shifted.is_cuda:
+                before = before.pin_memory().to(shifted.device, non_blocking=True)
+            shifted = torch.where(before.to(shifted.device).view(B, L), IGNORE_INDEX, shifted)
     return shifted
 
 
