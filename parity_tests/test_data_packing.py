@@ -277,7 +277,7 @@ def _check_packed_equals_padded(family, convention, specs):
     tol = tolerance(device, dtype)
     verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
     assert verdict.passed, f"logits: {verdict.err:.3e} > {verdict.bound:.3e} ({verdict.how})"
-    # A scalar has no tail for the rule to measure (its floor is about one ulp, and so is every error); the loss is
+    # A scalar has no tail for the rule to measure (its floor is one rounding, by luck 0 to 1 ulp); the loss is
     # the mean cross-entropy of the logits judged above, so it is held to 1e-6 relative (8 float32 ulps).
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
     assert set(grads) == set(ref_grads)

@@ -134,18 +134,3 @@ def test_torch_reference_equals_jax_reference(case, softcap, reorder):
         out_jax = np.asarray(jax_attention.attention_ref_jax(q, k, v, mask, **opts))
         assert out_jax.dtype == np.dtype(str(dtype).removeprefix("torch."))
         torch.testing.assert_close(torch.from_numpy(out_jax.copy()), out, msg=lambda m: f"{m}\n{case}")
-
-
-def test_the_rounding_floor_is_never_below_one_ulp_of_the_largest_output():
-    """A kernel one ulp off at the largest output must pass where the plain computation happens to be exact
-    (measured: the masked float32 SDPA kernel, one key per query, 4.8e-7 at |out| in [4, 8) on an H200), and two
-    ulps off must still fail there."""
-    from qwenvl.tolerances import judge
-
-    ref = torch.tensor([4.5, -1.25, 0.5], dtype=torch.float64)
-    plain = ref.to(torch.float32)  # exact: the yardstick's error is 0
-    ulp = torch.finfo(torch.float32).eps * 4
-    one_off = plain + torch.tensor([ulp, 0.0, 0.0], dtype=torch.float32)
-    two_off = plain + torch.tensor([2 * ulp, 0.0, 0.0], dtype=torch.float32)
-    assert judge(one_off, ref, plain, k=4).passed
-    assert not judge(two_off, ref, plain, k=4).passed
