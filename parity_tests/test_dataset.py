@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qwenvl.data import BadSampleError, PackedCollator, PackedDataset, SupervisedDataset
+from qwenvl.packing import SKIPPED_KEY
 from qwenvl.data.processor import load_processor
 from qwenvl.families import FAMILIES
 from qwenvl.fixtures import demo_data_path, model_dir, tiny_model
@@ -137,6 +138,38 @@ def test_bad_data_is_named_or_skipped(case, demo):
     ds = _dataset("qwen2_5_vl", data, skip_bad_samples=True)
     assert len(ds) == len(_rows(demo)) - 1 and len(ds.skipped) == 1
     assert "1 bad rows skipped" in ds.summary()
+
+
+def test_a_row_that_fails_to_decode_in_training_is_named_or_skipped_and_counted(demo):
+    """The checks up front read image headers only: a PNG whose header is whole but whose data is cut passes them
+    and fails when a worker decodes it. It stops the run naming the file and the row, or with skip_bad_samples
+    stands in as a segment of its admitted length that no loss sees, named in the batch for the trainer's count."""
+    import io
+
+    import qwenvl
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    (demo.parent / "images" / "cut.png").write_bytes(buffer.getvalue()[:-40])
+    index = 2
+    data = _bad(demo, lambda rows: rows[index].update(image="images/cut.png"))
+    strict = _dataset("qwen2_5_vl", data)
+    with pytest.raises(BadSampleError, match=r"sample 2: .*cut\.png"):
+        strict[index]
+    lenient = _dataset("qwen2_5_vl", data, skip_bad_samples=True)
+    assert len(lenient) == len(strict)  # nothing was refused up front
+    stand_in = lenient[index]
+    assert stand_in["input_ids"].numel() == lenient.lengths[index] and bool((stand_in["labels"] == -100).all())
+    assert f"{data} sample {index}:" in stand_in[SKIPPED_KEY]
+    batch = PackedCollator()([[lenient[0], stand_in, lenient[1]]])
+    assert batch[SKIPPED_KEY] == (stand_in[SKIPPED_KEY],)
+    assert batch["input_ids"].shape[1] == sum(lenient.lengths[i] for i in (0, index, 1))  # the row keeps its shape
+    _, model = _load("qwen2_5_vl")
+    with qwenvl.patch(model), torch.no_grad():
+        alone = model(**PackedCollator()([[lenient[0], lenient[1]]])).loss
+        with_stand_in = model(**batch).loss
+    torch.testing.assert_close(with_stand_in, alone)  # the stand-in adds no loss term and no label
 
 
 def test_long_samples_are_cut_in_text_only(demo):

@@ -115,6 +115,26 @@ def test_bad_data_stops_before_training_naming_file_and_row(tmp_path, capsys):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("checkpoint-*"))
 
 
+def test_a_sample_that_fails_to_decode_in_training_is_skipped_and_counted(tmp_path, capsys):
+    """Its header passes the checks up front; with --skip_bad_samples the run trains through it, and the count
+    reaches the final summary."""
+    import io
+
+    from PIL import Image
+
+    rows = [r for r in json.loads(demo_data_path().read_text()) if "video" not in r and "image" in r][:3]
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:-40])
+    for i, r in enumerate(rows):
+        r["image"] = str(tmp_path / "cut.png") if i == 1 else str(demo_data_path().parent / r["image"])
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    args = ["--data_path", str(data), "--skip_bad_samples", "True", "--num_train_epochs", "1", "--save_strategy", "no"]
+    assert _train(tmp_path, "o", *args)[0] == 0
+    assert "skipped in training: 1 samples failed to decode" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -46,6 +46,7 @@ __all__ = [
     "CONVENTIONS",
     "HostMeta",
     "HOST_KEY",
+    "SKIPPED_KEY",
 ]
 
 
@@ -142,6 +143,10 @@ class VarlenMeta(NamedTuple):
 
 # The batch key under which a collator hands the patched forward its HostMeta (popped at the model entry).
 HOST_KEY = "qwenvl_host"
+# A sample that failed to decode in a worker and was skipped (``SupervisedDataset(skip_bad_samples=True)``) carries
+# this key naming it; the collators gather the names into the batch under it, the trainer counts them, and the
+# model entry drops it.
+SKIPPED_KEY = "qwenvl_skipped"
 
 
 @dataclass(frozen=True)

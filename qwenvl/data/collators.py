@@ -36,13 +36,14 @@ from qwenvl.packing import (
     CONVENTIONS,
     HOST_KEY,
     IGNORE_INDEX,
+    SKIPPED_KEY,
     HostMeta,
     cu_seqlens_to_position_ids,
     lengths_to_cu_seqlens,
     mask_boundary_labels,
 )
 
-__all__ = ["PackedCollator", "PaddedCollator", "to_device", "VISION_KEYS", "CONVENTIONS", "IGNORE_INDEX"]
+__all__ = ["PackedCollator", "PaddedCollator", "to_device", "VISION_KEYS", "SKIPPED_KEY", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -59,6 +60,12 @@ def _flatten(items: Sequence[Any]) -> list[dict]:
     if not samples:
         raise ValueError("a batch needs at least one sample")
     return samples
+
+
+def _skipped(samples: list[dict]) -> dict:
+    """The skipped samples' names under ``SKIPPED_KEY``, when there are any."""
+    names = tuple(s[SKIPPED_KEY] for s in samples if SKIPPED_KEY in s)
+    return {SKIPPED_KEY: names} if names else {}
 
 
 def _vision(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -119,6 +126,7 @@ class PackedCollator:
             "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
             "labels": labels_T[None],
             **_vision(samples),
+            **_skipped(samples),
         }
         if all("mm_token_type_ids" in s for s in samples):
             batch["mm_token_type_ids"] = torch.cat([s["mm_token_type_ids"] for s in samples])[None]
@@ -177,7 +185,7 @@ class PaddedCollator:
             positions[:, r, :n] = s["position_ids"]
             if types is not None:
                 types[r, :n] = s["mm_token_type_ids"]
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions, **_vision(samples)}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions, **_vision(samples), **_skipped(samples)}
         if types is not None:
             batch["mm_token_type_ids"] = types
         return batch

@@ -39,7 +39,7 @@ from qwenvl.data.lengths import template_ids, probe_length_rule
 from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
-from qwenvl.data.collators import IGNORE_INDEX, VISION_KEYS
+from qwenvl.data.collators import IGNORE_INDEX, SKIPPED_KEY, VISION_KEYS
 from qwenvl.positions import rope_index
 
 __all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX", "sample_item"]
@@ -104,6 +104,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.model = model
         self.model_max_length = int(model_max_length)
         self.truncate = truncate
+        self.skip_bad_samples = skip_bad_samples
         self._start_ids, self._start_space, self._end_id = _role_markers(processor)
         self._special = _special_strings(processor)
         self._rule = None
@@ -212,7 +213,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = self._process(self.rows[index])[0]
+        try:
+            item = self._process(self.rows[index])[0]
+        except BadSampleError as exc:  # it passed the checks up front, then failed to decode (in a worker)
+            if not self.skip_bad_samples:
+                raise
+            return self._stand_in(index, exc)
         if item["input_ids"].numel() != self.lengths[index]:
             # The packer placed this sample by its admitted length: a disagreement is a bug, never trained on.
             raise RuntimeError(
@@ -225,6 +231,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     "processes every row up front instead)"
                 )
             )
+        return item
+
+    def _stand_in(self, index: int, exc: BadSampleError) -> dict[str, torch.Tensor]:
+        """What a row that fails to decode in training becomes with ``skip_bad_samples``: a segment of its
+        admitted length that no loss sees (padding ids, every label ignored, text positions), so its packed row
+        keeps its shape, and ``SKIPPED_KEY`` naming the row and the problem (counted by the trainer)."""
+        n = self.lengths[index]
+        pad = getattr(self.processor.tokenizer, "pad_token_id", None) or 0
+        item = {
+            "input_ids": torch.full((n,), pad, dtype=torch.long),
+            "labels": torch.full((n,), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.arange(n).expand(3, n).clone(),
+            "mm_token_type_ids": torch.zeros(n, dtype=torch.int32),
+            SKIPPED_KEY: f"{exc.ref}: {exc.problem}",
+        }
         return item
 
     def _admit_by_header(self, row: _Row, ids: list[int] | None = None) -> tuple[_Row, int, bool]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from qwenvl.packing import HOST_KEY, HostMeta, VarlenMeta
+from qwenvl.packing import HOST_KEY, SKIPPED_KEY, HostMeta, VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
     exactly as it would unpatched.
     """
     host = kwargs.pop(HOST_KEY, None)
+    kwargs.pop(SKIPPED_KEY, None)  # the names of skipped samples (for the trainer's count), never the model's
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
         return attention_mask

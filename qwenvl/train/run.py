@@ -212,6 +212,9 @@ def run(
     trainer, result = _train(model, train_dataset, collator, training_args, options=options, callbacks=callbacks)
     if trainer.is_world_process_zero():
         save_processor(processor, model_path, training_args.output_dir)
+    summary["skipped_in_training"] = trainer.skipped_in_training
+    if trainer.skipped_in_training:
+        logger.warning("qwenvl train: %d samples failed to decode in training and were skipped", trainer.skipped_in_training)
     return {**result.metrics, **summary}
 
 
@@ -345,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("data", "packing"):
         if key in metrics:
             print(f"  {key}: {metrics[key]}")
+    if metrics.get("skipped_in_training"):
+        print(f"  skipped in training: {metrics['skipped_in_training']} samples failed to decode (named in the log)")
     return 0
 
 

@@ -120,6 +120,7 @@ class QwenVLTrainer(transformers.Trainer):
                 "with torchrun or accelerate launch on GPUs, or drop --fsdp to train with DDP."
             )
         self.vision_dummy = None
+        self.skipped_in_training = 0  # samples that failed to decode in a worker (skip_bad_samples)
         if dummy_vision_pass_wanted(self.args):
             modalities = vision_modalities(self.train_dataset) or ("image",)
             self.vision_dummy = VisionDummy(self.model, modalities)
@@ -169,11 +170,21 @@ class QwenVLTrainer(transformers.Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, *args, **kwargs):
+        self._count_skipped(inputs)
         _refuse_unpatched_packed(self.model, inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.vision_dummy is not None and self.accelerator.sync_gradients:
             self._drop_untouched_vision_grads()
         return loss
+
+    def _count_skipped(self, inputs) -> None:
+        """Samples that failed to decode in a worker and were skipped (``--skip_bad_samples``): counted
+        (``skipped_in_training``) and each named in the log; the key never reaches the model."""
+        from qwenvl.packing import SKIPPED_KEY
+
+        for name in inputs.pop(SKIPPED_KEY, ()):
+            self.skipped_in_training += 1
+            logger.warning("skipped a sample that failed to decode (%d so far): %s", self.skipped_in_training, name)
 
     def _drop_untouched_vision_grads(self) -> None:
         """After the last backward of an optimizer step: when no rank had a real image or video, the vision
