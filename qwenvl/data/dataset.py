@@ -38,6 +38,7 @@ from qwenvl.data.length_cache import BAD, CUT, OK, length_cache_key, load_length
 from qwenvl.data.lengths import template_ids, probe_length_rule
 from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
+from qwenvl.data.replies import Replies
 from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
 from qwenvl.data.collators import IGNORE_INDEX, SKIPPED_KEY, VISION_KEYS
 from qwenvl.positions import rope_index
@@ -105,8 +106,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.model_max_length = int(model_max_length)
         self.truncate = truncate
         self.skip_bad_samples = skip_bad_samples
-        self._start_ids, self._start_space, self._end_id = _role_markers(processor)
-        self._special = _special_strings(processor)
+        self._replies = Replies(processor)
         self._rule = None
         self.skipped: list[tuple[RowRef, str]] = []
         self.truncated: list[RowRef] = []
@@ -209,6 +209,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item, truncated = self._process(row)
         return row, int(item["input_ids"].numel()), truncated
 
+    @property
+    def _end_id(self) -> int:
+        """The token that ends a turn (``Replies.end_id``)."""
+        return self._replies.end_id
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -252,7 +257,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """The row's length from its templated text (``ids``: its tokens, if already computed) and its images'
         header sizes (``qwenvl.data.lengths``), with the same checks and the same cut as processing it would
         give; nothing is decoded."""
-        self._check_text(row)
+        self._replies.check_text(row)
         if ids is None:
             ids = template_ids(self.processor, row.messages)
         sizes = [image_size(row.ref, path) for path in row.images]
@@ -261,7 +266,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except ValueError:  # the template placed the images otherwise: let the processor say
             item, truncated = self._process(row)
             return row, int(item["input_ids"].numel()), truncated
-        replies = self._reply_spans(row, ids)
+        replies = self._replies.spans(row, ids)
         limit = self.model_max_length
         if length <= limit:
             return row, length, False
@@ -288,14 +293,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     # -- one row -------------------------------------------------------------------------------------------
 
-    def _check_text(self, row: _Row) -> None:
-        for message in row.messages:
-            for part in message["content"]:
-                if part["type"] == "text" and (hit := next((s for s in self._special if s in part["text"]), None)):
-                    raise BadSampleError(row.ref, f"the text contains the special token {hit!r}")
-
     def _process(self, row: _Row) -> tuple[dict[str, torch.Tensor], bool]:
-        self._check_text(row)
+        self._replies.check_text(row)
         text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
         images = [open_image(row.ref, p) for p in row.images] or None
         videos, extra = None, {}
@@ -311,41 +310,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except Exception as exc:  # the processor's own message, with the row named
             raise BadSampleError(row.ref, f"the processor failed: {type(exc).__name__}: {exc}") from exc
         input_ids = out["input_ids"][0].long()
-        labels = self._labels(row, input_ids)
+        labels = self._replies.labels(row, input_ids)
         truncated = False
         if input_ids.numel() > self.model_max_length:
             input_ids, labels, truncated = self._cut(row, out, input_ids, labels)
         return sample_item(self.model, out, input_ids, labels), truncated
-
-    def _labels(self, row: _Row, input_ids: torch.Tensor) -> torch.Tensor:
-        """-100 but the assistant replies: from after each start marker through the turn's end token."""
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for begin, end in self._reply_spans(row, input_ids.tolist()):
-            labels[begin : end + 1] = input_ids[begin : end + 1]
-        return labels
-
-    def _reply_spans(self, row: _Row, ids: list[int]) -> list[tuple[int, int]]:
-        """``(first, last)`` token index of each assistant reply (its end-of-turn token included)."""
-        start, n = self._start_ids, len(self._start_ids)
-        spans, i = [], 0
-        while i + n <= len(ids):
-            if ids[i : i + n] == start:
-                begin = i + n
-                # The marker's trailing whitespace ("\n") is its own token unless the reply starts with
-                # whitespace too and BPE merged them ("\n\n"): then that merged token is trained on.
-                if self._start_space is not None and begin < len(ids) and ids[begin] == self._start_space:
-                    begin += 1
-                try:
-                    end = ids.index(self._end_id, begin)
-                except ValueError:
-                    raise BadSampleError(row.ref, "an assistant reply has no end-of-turn token") from None
-                spans.append((begin, end))
-                i = end + 1
-            else:
-                i += 1
-        if len(spans) != row.n_replies:
-            raise BadSampleError(row.ref, f"found {len(spans)} assistant replies in the templated text, expected {row.n_replies}")
-        return spans
 
     def _cut(self, row: _Row, out, input_ids: torch.Tensor, labels: torch.Tensor):
         limit = self.model_max_length
@@ -371,35 +340,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not (labels != IGNORE_INDEX).any():
             raise BadSampleError(row.ref, f"no assistant token left within model_max_length {limit}")
         return input_ids[:limit], labels, True
-
-
-def _role_markers(processor) -> tuple[list[int], int | None, int]:
-    """Read off the template: the tokens that open an assistant reply (without trailing whitespace), the
-    token of that whitespace (or None), and the token that ends a turn."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    reply = [*user, {"role": "assistant", "content": [{"type": "text", "text": "y"}]}]
-    bare = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
-    prompt = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = processor.apply_chat_template(reply, tokenize=False, add_generation_prompt=False)
-    if not prompt.startswith(bare) or not full.startswith(prompt + "y"):
-        raise DataFileError("the processor's chat template does not render an assistant turn as generation prompt + reply")
-    marker = prompt[len(bare) :]
-    stripped = marker.rstrip()
-    start_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    space_ids = tokenizer(marker[len(stripped) :], add_special_tokens=False)["input_ids"] if marker != stripped else []
-    end_ids = tokenizer(full[len(prompt) + 1 :], add_special_tokens=False)["input_ids"]
-    if not start_ids or not end_ids or len(space_ids) > 1:
-        raise DataFileError("the processor's chat template has no assistant start marker or end-of-turn token")
-    return list(start_ids), (int(space_ids[0]) if space_ids else None), int(end_ids[0])
-
-
-def _special_strings(processor) -> tuple[str, ...]:
-    tokenizer = getattr(processor, "tokenizer", processor)
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    names = {t.content for t in added.values() if getattr(t, "special", False)}
-    names |= set(getattr(tokenizer, "all_special_tokens", []))
-    return tuple(sorted(n for n in names if n))
 
 
 def _to_cache(results: list) -> tuple:
