@@ -187,7 +187,13 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
         return None
     if meta is None:
         return None
+    _hand_on(kwargs, meta, rows, row_len)
+    _use_host(kwargs, host, state, device)
+    return meta
 
+
+def _hand_on(kwargs: dict[str, Any], meta: VarlenMeta, rows: int, row_len: int) -> None:
+    """Check a packed batch's metadata against the batch and put it where the model reads the mask."""
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions is not available for packed batches: the varlen kernels return no weights")
     if not _row_boundaries_ok(meta.offsets, rows, row_len):
@@ -200,8 +206,6 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
         # (3, B, L) mrope rows, not every one the 4-row form (GLM-4V and GLM-4V-MoE on 4.57 take 3 rows only).
         kwargs["position_ids"] = position_ids[1:]
     kwargs["attention_mask"] = meta
-    _use_host(kwargs, host, state, device)
-    return meta
 
 
 _FALLBACK_SAID = False
