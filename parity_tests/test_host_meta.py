@@ -171,3 +171,52 @@ def test_the_host_chunk_table_is_flas(offsets):
         return  # fla is not installed here: the expectation above is its documented layout
     cu = torch.tensor(offsets, dtype=torch.long)
     assert torch.equal(prepare_chunk_indices(cu, FLA_CHUNK).cpu(), table)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable shapes: rows padded to a multiple with a filler segment that no loss sees.
+
+
+def test_a_padded_row_ends_in_a_filler_segment_that_no_loss_sees():
+    from qwenvl.data import PackedCollator
+
+    items = [{"input_ids": torch.arange(n) + 3, "labels": torch.arange(n) + 3, "position_ids": torch.arange(n).expand(3, n)} for n in (40, 17, 66)]
+    plain = PackedCollator()(items)
+    padded = PackedCollator(pad_to_multiple_of=64, pad_token_id=7)(items)
+    assert plain["input_ids"].shape[1] == 123 and padded["input_ids"].shape[1] == 128
+    assert torch.equal(padded["input_ids"][:, :123], plain["input_ids"]) and bool((padded["input_ids"][:, 123:] == 7).all())
+    assert torch.equal(padded["labels"][:, :123], plain["labels"]) and bool((padded["labels"][:, 123:] == -100).all())
+    assert padded["attention_mask"].tolist() == [0, 40, 57, 123, 128]  # the filler is its own segment
+    assert padded[HOST_KEY].padding == 5 and plain[HOST_KEY].padding == 0
+    assert PackedCollator(pad_to_multiple_of=41)(items[:1])[HOST_KEY].padding == 1
+    assert PackedCollator(pad_to_multiple_of=40)(items[:1])[HOST_KEY].padding == 0  # already a multiple
+    lengths = {PackedCollator(pad_to_multiple_of=256)([it])["input_ids"].shape[1] for it in
+               ({"input_ids": torch.zeros(n, dtype=torch.long), "labels": torch.zeros(n, dtype=torch.long),
+                 "position_ids": torch.zeros(3, n, dtype=torch.long)} for n in range(100, 1100, 20))}
+    assert lengths == {256, 512, 768, 1024, 1280}, "50 varied rows take 5 lengths"
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive number of tokens, got 0"):
+        PackedCollator(pad_to_multiple_of=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_a_padded_row_equals_each_sample_alone(family):
+    """Logits and every gradient of the real tokens by the rule; a padded row adds no loss term and no router-loss
+    term (the MoE router loss of the padded row equals the unpadded one's)."""
+    from qwenvl.tolerances import tolerance
+    from qwenvl.verify.golden_runs import float64_copy
+    from qwenvl.verify.runs import judge_runs, run_alone, run_packed
+
+    model, rows = _model_and_rows(family)
+    total = sum(row.input_ids.shape[1] for row in rows)
+    weights = torch.randn(total, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / total
+    ref = run_alone(float64_copy(model), rows, weights)
+    pt = run_alone(model, rows, weights)
+    out = run_packed(model, rows, weights, pad_to_multiple_of=64, backend="sdpa")
+    verdict = judge_runs(tolerance("cpu", torch.float32), out, ref, pt)
+    assert verdict.passed, verdict
+    if FAMILIES[family].aux_loss is not None:
+        ref64 = float64_copy(model)
+        with qwenvl.patch(ref64, backend="sdpa"):
+            aux = [ref64(**rows[0].model_inputs(pad_to_multiple_of=m), output_router_logits=True).aux_loss for m in (None, 64)]
+        assert rows[0].model_inputs(pad_to_multiple_of=64)["input_ids"].shape[1] % 64 == 0
+        torch.testing.assert_close(aux[1], aux[0], rtol=1e-12, atol=0)  # float64: the same tokens counted

@@ -138,6 +138,7 @@ def test_a_sample_that_fails_to_decode_in_training_is_skipped_and_counted(tmp_pa
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--pad_to_multiple_of", "0"], "--pad_to_multiple_of must be a positive number of tokens, got 0"),
         (["--packing_convention", "flat"], "--packing_convention 'flat' is not one of upstream, hf_positions, hf_kwargs"),
         (["--dtype", "fp8"], "--dtype 'fp8' is not one of float32, bfloat16, float16"),
         (["--backend", "nope"], "--backend 'nope' is not one of auto, "),

@@ -60,6 +60,8 @@ class VarlenMeta(NamedTuple):
         offsets: the same boundaries as a host tuple, so per-segment backends never sync with the device.
         host_cu_seqlens: the same boundaries as an int64 CPU tensor: what a compiled region reads (a tensor is
             a graph input; the ints above would be baked into the graph and recompile it for every batch).
+        padding: how many tokens at the end are a filler segment that no loss sees (a row padded to a stable
+            length, ``PackedCollator(pad_to_multiple_of=...)``); 0 when none. The MoE router loss leaves them out.
     """
 
     cu_seqlens: torch.Tensor
@@ -67,6 +69,7 @@ class VarlenMeta(NamedTuple):
     num_segments: int
     offsets: tuple[int, ...]
     host_cu_seqlens: torch.Tensor | None = None
+    padding: int = 0
 
     @property
     def total(self) -> int:
@@ -157,6 +160,7 @@ class HostMeta:
         offsets   the batch's sample boundaries (its cu_seqlens, as a tuple)
         vision    for each vision cu_seqlens kwarg the batch carries (``image_cu_seqlens``, ...), its boundaries
         grids     host copies of the grid kwargs, where the tower reads nothing else from them
+        padding   the tokens of a trailing filler segment (a row padded to a stable length), 0 when none
 
     It has no ``to`` and no ``pin_memory``: moving a batch to the device (the Trainer, accelerate, the DataLoader's
     pinning) leaves it on the host as it is. The values are trusted to be the batch's (the collator made both from
@@ -166,6 +170,7 @@ class HostMeta:
     offsets: tuple[int, ...]
     vision: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     grids: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    padding: int = 0  # the trailing filler segment's tokens (VarlenMeta.padding)
 
 
 def validate_cu_seqlens(

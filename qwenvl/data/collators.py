@@ -87,11 +87,37 @@ class PackedCollator:
             ``"hf_kwargs"`` (those positions plus ``cu_seq_lens_q/k``, ``max_length_q/k``).
     """
 
-    def __init__(self, convention: str = "upstream", *, vision=None) -> None:
+    def __init__(
+        self, convention: str = "upstream", *, vision=None, pad_to_multiple_of: int | None = None, pad_token_id: int = 0
+    ) -> None:
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown packing convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+        if pad_to_multiple_of is not None and int(pad_to_multiple_of) < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive number of tokens, got {pad_to_multiple_of}")
         self.convention = convention
         self.vision = vision  # qwenvl.data.vision_meta.VisionPreamble, or None: the tower computes its own
+        # Rows padded to a multiple of this many tokens take few distinct lengths, so kernels that compile per
+        # shape (torch.compile, Triton autotune, tilelang) compile a bounded number of times over a run.
+        self.pad_to_multiple_of = None if pad_to_multiple_of is None else int(pad_to_multiple_of)
+        self.pad_token_id = int(pad_token_id)
+
+    def _filler(self, samples: list[dict]) -> list[dict]:
+        """``samples`` and, where the row is padded, a trailing segment that no loss sees up to the multiple:
+        ``pad_token_id``, every label ignored, text positions, no vision (its own segment: nothing attends
+        across it; the MoE router loss leaves it out through ``VarlenMeta.padding``)."""
+        total = sum(s["input_ids"].numel() for s in samples)
+        extra = 0 if self.pad_to_multiple_of is None else -total % self.pad_to_multiple_of
+        if not extra:
+            return samples
+        device = samples[0]["input_ids"].device
+        filler = {
+            "input_ids": torch.full((extra,), self.pad_token_id, dtype=torch.long, device=device),
+            "labels": torch.full((extra,), IGNORE_INDEX, dtype=torch.long, device=device),
+            "position_ids": torch.arange(extra, device=device).expand(3, extra).to(samples[0]["position_ids"].dtype),
+        }
+        if all("mm_token_type_ids" in s for s in samples):
+            filler["mm_token_type_ids"] = torch.zeros(extra, dtype=samples[0]["mm_token_type_ids"].dtype, device=device)
+        return [*samples, filler]
 
     @classmethod
     def for_model(cls, model, convention: str = "upstream") -> "PackedCollator":
@@ -100,7 +126,7 @@ class PackedCollator:
 
         return cls(convention, vision=VisionPreamble.of(model))
 
-    def _host(self, batch: dict, cu_seqlens: torch.Tensor) -> HostMeta:
+    def _host(self, batch: dict, cu_seqlens: torch.Tensor, padding: int) -> HostMeta:
         """The host metadata of ``batch``, adding the vision tower's precomputed inputs to it."""
         vision, grids = {}, {}
         if self.vision is not None:
@@ -113,10 +139,11 @@ class PackedCollator:
                 vision.update(offsets)
                 if self.vision.grid_on_host:
                     grids[f"{modality}_grid_thw"] = grid
-        return HostMeta(tuple(cu_seqlens.tolist()), vision, grids)
+        return HostMeta(tuple(cu_seqlens.tolist()), vision, grids, int(padding))
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
-        samples = _flatten(items)
+        real = _flatten(items)
+        samples = self._filler(real)
         # On the samples' device (the host in a DataLoader; tests may collate rows already on the GPU).
         lengths = torch.tensor([s["input_ids"].numel() for s in samples], device=samples[0]["input_ids"].device)
         cu_seqlens = lengths_to_cu_seqlens(lengths)
@@ -130,7 +157,7 @@ class PackedCollator:
         }
         if all("mm_token_type_ids" in s for s in samples):
             batch["mm_token_type_ids"] = torch.cat([s["mm_token_type_ids"] for s in samples])[None]
-        batch[HOST_KEY] = self._host(batch, cu_seqlens)
+        batch[HOST_KEY] = self._host(batch, cu_seqlens, len(samples) > len(real) and samples[-1]["input_ids"].numel())
         if self.convention == "upstream":
             batch["attention_mask"] = cu_seqlens
             batch["position_ids"] = positions_3T[:, None, :]

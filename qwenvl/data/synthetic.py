@@ -168,7 +168,7 @@ class PackedBatch:
     def vision_inputs(self) -> dict[str, torch.Tensor]:
         return {key: self._row[key] for key in VISION_KEYS if key in self._row}
 
-    def model_inputs(self, convention: str = "upstream", device=None, *, host: bool = True) -> dict:
+    def model_inputs(self, convention: str = "upstream", device=None, *, host: bool = True, pad_to_multiple_of=None) -> dict:
         """The collator's row in ``convention`` (``qwenvl.packing.CONVENTIONS``), labels left out, its tensors moved
         to ``device`` as a trainer moves them (the host metadata stays on the host; ``host=False`` leaves it out,
         as a user's own collator would). A single sample in 4-row positions is an ordinary call to the model:
@@ -176,7 +176,8 @@ class PackedBatch:
         if convention == "hf_positions" and self.family is not None and len(self.items) == 1:
             if why := get_family(self.family).release_bug("four_rows"):
                 raise UpstreamLimit(why)
-        row = PackedCollator(convention, vision=self.vision if host else None)(self.items)
+        collator = PackedCollator(convention, vision=self.vision if host else None, pad_to_multiple_of=pad_to_multiple_of)
+        row = collator(self.items)
         row.pop("labels")
         if not host:
             row.pop(HOST_KEY)

@@ -94,17 +94,30 @@ def mask_builder(original: Callable) -> Callable:
     return build
 
 
+def _router_mask(meta: VarlenMeta, device) -> torch.Tensor | None:
+    """The router loss's token mask for a packed row: ``None`` (every token counts) unless the row ends in a filler
+    segment (``meta.padding``), whose tokens a ``(1, T)`` 0/1 mask leaves out (built on the device, no sync)."""
+    if not meta.padding:
+        return None
+    mask = torch.ones(1, meta.total, dtype=torch.long, device=device)
+    mask[:, meta.total - meta.padding :] = 0
+    return mask
+
+
 def aux_loss(original: Callable) -> Callable:
-    """Packed rows hold no padding, so the router loss counts every token: the mask becomes ``None``."""
+    """A packed row's router loss counts every real token: the mask becomes ``None``, or leaves out the filler
+    segment of a padded row."""
     params = list(inspect.signature(original).parameters)
     mask_index = params.index("attention_mask")
 
     @functools.wraps(original)
     def loss(*args, **kwargs):
+        gate = args[0] if args else kwargs.get("gate_logits")
+        device = getattr(gate[0] if isinstance(gate, (tuple, list)) and gate else gate, "device", None)
         if isinstance(kwargs.get("attention_mask"), VarlenMeta):
-            kwargs["attention_mask"] = None
+            kwargs["attention_mask"] = _router_mask(kwargs["attention_mask"], device)
         if len(args) > mask_index and isinstance(args[mask_index], VarlenMeta):
-            args = (*args[:mask_index], None, *args[mask_index + 1 :])
+            args = (*args[:mask_index], _router_mask(args[mask_index], device), *args[mask_index + 1 :])
         return original(*args, **kwargs)
 
     setattr(loss, _WRAPPED, original)

@@ -187,6 +187,10 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
         return None
     if meta is None:
         return None
+    if host is not None and host.padding:
+        if host.padding != meta.offsets[-1] - meta.offsets[-2]:
+            raise ValueError(f"{HOST_KEY} says the last {host.padding} tokens are padding, but the last segment is not them")
+        meta = meta._replace(padding=host.padding)
     _hand_on(kwargs, meta, rows, row_len)
     _use_host(kwargs, host, state, device)
     return meta

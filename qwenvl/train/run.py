@@ -76,6 +76,13 @@ class DataArguments:
         default="upstream",
         metadata={"help": "How a packed row tells the model where samples start: " + ", ".join(CONVENTIONS) + " (qwenvl.packing)."},
     )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Pad each packed row with a segment no loss sees to a multiple of this many tokens (e.g. 256): "
+            "rows take few distinct lengths, so --compile and fla's kernels compile a bounded number of times."
+        },
+    )
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
     truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
     data_check_workers: int = field(default=4, metadata={"help": "Threads for the eager data check."})
@@ -165,6 +172,8 @@ def _check_args(model_args: ModelArguments, options: PatchOptions, data_args: Da
         )
     if data_args.pack_shards is not None and data_args.pack_shards < 1:
         raise Refused(f"--pack_shards must be at least 1, got {data_args.pack_shards}")
+    if data_args.pad_to_multiple_of is not None and data_args.pad_to_multiple_of < 1:
+        raise Refused(f"--pad_to_multiple_of must be a positive number of tokens, got {data_args.pad_to_multiple_of}")
     if model_args.lora_enable and importlib.util.find_spec("peft") is None:
         raise Refused("--lora_enable needs peft, part of the 'train' extra: pip install 'qwenvl[train]'")
     if not (model_args.tune_mm_vision or model_args.tune_mm_mlp or model_args.tune_mm_llm or model_args.lora_enable):
@@ -274,7 +283,9 @@ def _rows(dataset, processor, data_args: DataArguments, training_args) -> tuple:
         summary["ranks"] = train_dataset.packing.report()
     if training_args.process_index == 0:
         logger.warning("qwenvl train: packing: %s", summary["packing"])
-    return train_dataset, PackedCollator(data_args.packing_convention), summary
+    pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None) or 0
+    collator = PackedCollator(data_args.packing_convention, pad_to_multiple_of=data_args.pad_to_multiple_of, pad_token_id=pad)
+    return train_dataset, collator, summary
 
 
 def _train(model, train_dataset, collator, training_args, *, options: PatchOptions, callbacks: list):

@@ -61,11 +61,13 @@ def run_packed(
     index: torch.Tensor | None = None,
     names: Sequence[str] | None = None,
     device=None,
+    pad_to_multiple_of: int | None = None,
     **patch_options,
 ):
     """The packed ``rows`` through ``model`` patched with ``patch_options`` (``qwenvl.patch``), one forward each:
     logits ``(T, V)`` in the order of the samples (``index``: the sample-order position of each row token, rows
-    concatenated; default: rows in order) and the gradients (``gradients``)."""
+    concatenated; default: rows in order) and the gradients (``gradients``). ``pad_to_multiple_of``: each row
+    padded with a filler segment (``PackedCollator``), whose logits are left out."""
     import qwenvl
 
     dtype = next(model.parameters()).dtype
@@ -75,7 +77,8 @@ def run_packed(
     logits, start = [], 0
     with qwenvl.patch(model, **patch_options):
         for row in rows:
-            out = model(**row.with_pixels(dtype).model_inputs(convention, device)).logits[0]
+            inputs = row.with_pixels(dtype).model_inputs(convention, device, pad_to_multiple_of=pad_to_multiple_of)
+            out = model(**inputs).logits[0, : row.input_ids.shape[1]]  # a padded row's filler is no sample's
             end = start + out.shape[0]
             _weighted_backward(out, weights[index[start:end].to(weights.device)])
             logits.append(out.detach())
