@@ -17,6 +17,7 @@ import torch
 
 from qwenvl.families import FamilySpec, family_of_model
 from qwenvl.verify.batches import SampleSpec
+from qwenvl.verify.runs import loss_weights
 
 __all__ = [
     "GOLDEN_SPECS",
@@ -106,13 +107,6 @@ def load_golden(family: str, root: Path | None = None) -> dict[str, torch.Tensor
     if problem:
         raise ValueError(f"golden files of {family}: {problem}")
     return load_file(root / entry["tensors"])
-
-
-def loss_weights(total: int, vocab: int) -> torch.Tensor:
-    """float64 ``(T, V)``: ``W[t, v] = cos(0.7 t + 1.3 v) / T`` (a formula, so any framework can rebuild it)."""
-    t = torch.arange(total, dtype=torch.float64)[:, None]
-    v = torch.arange(vocab, dtype=torch.float64)[None, :]
-    return torch.cos(0.7 * t + 1.3 * v) / total
 
 
 def grad_patterns(spec: FamilySpec, *, deepstack: bool = True) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from qwenvl.verify.batches import (
 )
 from qwenvl.verify.labelled import alone_loss, packed_loss
 from qwenvl.verify.routing import RoutingPin
-from qwenvl.verify.runs import judge_runs, run_alone, run_packed
+from qwenvl.verify.runs import judge_runs, loss_weights, run_alone, run_packed
 
 __all__ = ["CaseResult", "run_case", "DEFAULT_SPECS"]
 
@@ -79,11 +79,6 @@ class CaseResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _token_weights(total: int, vocab: int, seed: int, device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(total, vocab, generator=gen, dtype=torch.float64) / total).to(device)
 
 
 def run_case(
@@ -158,7 +153,7 @@ def _runs(base, batches, seed: int, convention: str, device, options: PatchOptio
         packed = functools.partial(packed_loss, rows=batches, convention=convention, device=device, options=options)
         return alone, packed
     total = sum(batch.input_ids.shape[1] for batch in batches)
-    weights = _token_weights(total, base.config.text_config.vocab_size, seed, device)
+    weights = loss_weights(total, base.config.text_config.vocab_size).to(device)
     alone = functools.partial(run_alone, rows=batches, weights=weights, device=device)
     packed = functools.partial(
         run_packed, rows=batches, weights=weights, convention=convention, device=device, options=options

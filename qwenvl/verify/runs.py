@@ -8,7 +8,8 @@ check (``qwenvl.verify.golden``) alike: one home, so the two cannot drift.
                                              gradient of ``out`` against the oracle ``ref`` and the yardstick ``pt``
 
 Each run returns ``(logits (T, V), gradients by name)`` of the loss ``sum(logits * weights)``, linear in the logits,
-so every logit and every gradient is checked. Pixels go in the model's dtype.
+so every logit and every gradient is checked (``loss_weights``: the weights of every case and of the golden files).
+Pixels go in the model's dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch
 from qwenvl.tolerances import Tolerance, judge
 from qwenvl.verify.batches import PackedBatch
 
-__all__ = ["run_alone", "run_packed", "gradients", "judge_runs", "Comparison"]
+__all__ = ["run_alone", "run_packed", "gradients", "judge_runs", "Comparison", "loss_weights"]
+
+
+def loss_weights(total: int, vocab: int) -> torch.Tensor:
+    """float64 ``(T, V)``: ``W[t, v] = cos(0.7 t + 1.3 v) / T`` (a formula, so any framework can rebuild it)."""
+    t = torch.arange(total, dtype=torch.float64)[:, None]
+    v = torch.arange(vocab, dtype=torch.float64)[None, :]
+    return torch.cos(0.7 * t + 1.3 * v) / total
 
 
 def _weighted_backward(out: torch.Tensor, weights: torch.Tensor) -> None:
