@@ -161,6 +161,8 @@ class HostMeta:
         vision    for each vision cu_seqlens kwarg the batch carries (``image_cu_seqlens``, ...), its boundaries
         grids     host copies of the grid kwargs, where the tower reads nothing else from them
         padding   the tokens of a trailing filler segment (a row padded to a stable length), 0 when none
+        placeholders_checked  each modality's placeholder tokens counted against its features here: the model's
+                  own check (a host sync per modality) is skipped
 
     It has no ``to`` and no ``pin_memory``: moving a batch to the device (the Trainer, accelerate, the DataLoader's
     pinning) leaves it on the host as it is. The values are trusted to be the batch's (the collator made both from
@@ -171,6 +173,7 @@ class HostMeta:
     vision: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     grids: Mapping[str, torch.Tensor] = field(default_factory=dict)
     padding: int = 0  # the trailing filler segment's tokens (VarlenMeta.padding)
+    placeholders_checked: bool = False  # each modality's placeholder count matched its features (on the host)
 
 
 def validate_cu_seqlens(

@@ -128,7 +128,10 @@ class PackedCollator:
 
     def _host(self, batch: dict, cu_seqlens: torch.Tensor, padding: int) -> HostMeta:
         """The host metadata of ``batch``, adding the vision tower's precomputed inputs to it."""
-        vision, grids = {}, {}
+        vision, grids, checked = {}, {}, False
+        if self.vision is not None and self.vision.config is not None:
+            self.vision.check_placeholders(batch["input_ids"].cpu(), batch)
+            checked = True
         if self.vision is not None:
             for modality in ("image", "video"):
                 grid = batch.get(f"{modality}_grid_thw")
@@ -139,7 +142,7 @@ class PackedCollator:
                 vision.update(offsets)
                 if self.vision.grid_on_host:
                     grids[f"{modality}_grid_thw"] = grid
-        return HostMeta(tuple(cu_seqlens.tolist()), vision, grids, int(padding))
+        return HostMeta(tuple(cu_seqlens.tolist()), vision, grids, int(padding), checked)
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         real = _flatten(items)

@@ -22,7 +22,7 @@ towers compute the rest, with the host syncs that costs (``docs/benchmarks.md`` 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,7 @@ class VisionPreamble:
     window: tuple[int, int, int] | None = None  # (spatial_merge_size, window_size, patch_size): Qwen2.5-VL
     interpolation: tuple[int, str, bool] | None = None  # (num_grid_per_side, mode, align_corners)
     grid_on_host: bool = True  # the tower reads nothing else from grid_thw: the grids may stay on the host
+    config: object = field(default=None, compare=False, repr=False)  # the model's config: its placeholder token ids
 
     @classmethod
     def of(cls, model) -> "VisionPreamble | None":
@@ -72,7 +73,20 @@ class VisionPreamble:
         interpolation = None
         if hasattr(module, "get_vision_interpolation_indices_and_weights") and hasattr(tower, "num_grid_per_side"):
             interpolation = (int(tower.num_grid_per_side), str(tower.interpolation_mode), bool(tower.interpolation_align_corners))
-        return cls(int(tower.spatial_merge_size), window, interpolation, not spec.tower_reads_grid)
+        return cls(int(tower.spatial_merge_size), window, interpolation, not spec.tower_reads_grid, model.config)
+
+    def check_placeholders(self, input_ids_1T: torch.Tensor, grids: dict[str, torch.Tensor]) -> None:
+        """That the row holds as many placeholder tokens of each modality as its grids give features, checked on
+        the host (transformers checks it on the device, a host sync per modality, and is then spared it)."""
+        from qwenvl.positions import mm_token_type_ids
+
+        types = mm_token_type_ids(self.config, input_ids_1T)
+        for kind, modality in ((1, "image"), (2, "video")):
+            grid = grids.get(f"{modality}_grid_thw")
+            features = 0 if grid is None else int(grid.prod(-1).sum()) // self.merge**2
+            tokens = int((types == kind).sum())
+            if tokens != features:
+                raise ValueError(f"a packed row holds {tokens} {modality} placeholder tokens but its {modality} grids give {features} features")
 
     def kwargs(self, modality: str, grid_thw: torch.Tensor) -> tuple[dict, dict[str, tuple[int, ...]]]:
         """The tower's precomputed inputs for ``grid_thw`` (a CPU ``(n, 3)`` grid), named as ``model(**batch)``

@@ -193,6 +193,8 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
     for cls_name in spec.entry_classes:
         cls = getattr(module, cls_name)
         recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward, state))
+        if "get_placeholder_mask" in cls.__dict__:  # transformers' own placeholder count check: skipped when checked
+            recorder.setattr(cls, "get_placeholder_mask", _dispatch.placeholder_mask(cls.get_placeholder_mask, state))
     for name in spec.mask_builders:
         recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
     recorder.setattr(

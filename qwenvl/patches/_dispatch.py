@@ -36,6 +36,7 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 __all__ = [
     "PatchState",
+    "placeholder_mask",
     "entry_forward",
     "packed_meta_from_inputs",
     "mask_builder",
@@ -55,6 +56,9 @@ class PatchState:
     # Vision encoders pass the same cu_seqlens tensor to every block: remember its metadata so validating
     # it costs one host sync per vision forward, not one per block.
     _vision_cache: list[tuple[torch.Tensor, VarlenMeta]] = field(default_factory=list)
+    # This forward's placeholder counts were checked on the host (HostMeta.placeholders_checked): the model's own
+    # check, a host sync per modality, is skipped (``placeholder_mask``).
+    placeholders_checked: bool = False
 
     def vision_meta(self, cu_seqlens: torch.Tensor) -> VarlenMeta:
         for cached, meta in self._vision_cache:
@@ -92,6 +96,27 @@ def mask_builder(original: Callable) -> Callable:
 
     setattr(build, _WRAPPED, original)
     return build
+
+
+def placeholder_mask(original: Callable, state: PatchState) -> Callable:
+    """Wrap an entry class's ``get_placeholder_mask``: when the collator checked this forward's placeholder counts on
+    the host, the original runs without the features (``*_features=None``), which gives the same masks and skips
+    its own count check: an f-string formatting a device count and the check itself, a host sync each."""
+    signature = inspect.signature(original)
+    features = [name for name in signature.parameters if name.endswith("_features")]
+
+    @functools.wraps(original)
+    def get_placeholder_mask(*args, **kwargs):
+        if state.placeholders_checked:
+            bound = signature.bind(*args, **kwargs)
+            for name in features:
+                if name in bound.arguments:
+                    bound.arguments[name] = None
+            return original(*bound.args, **bound.kwargs)
+        return original(*args, **kwargs)
+
+    setattr(get_placeholder_mask, _WRAPPED, original)
+    return get_placeholder_mask
 
 
 def _router_mask(meta: VarlenMeta, device) -> torch.Tensor | None:

@@ -150,6 +150,8 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
         return attention_mask
+    if state is not None:
+        state.placeholders_checked = False  # until this forward's host metadata says so (_use_host)
     if host is not None and not isinstance(host, HostMeta):
         raise TypeError(f"{HOST_KEY} must be a qwenvl.packing.HostMeta (what PackedCollator adds), got {type(host).__name__}")
     cu_q = kwargs.pop("cu_seq_lens_q", None)
@@ -220,6 +222,8 @@ def _use_host(kwargs: dict[str, Any], host: HostMeta | None, state: PatchState |
     then reads them instead of asking the device) and the grids that may stay on the host. Without it, say once
     that this batch costs host syncs."""
     global _FALLBACK_SAID
+    if state is not None:
+        state.placeholders_checked = host is not None and host.placeholders_checked
     if host is None:
         if not _FALLBACK_SAID and torch.device(device).type == "cuda":
             _FALLBACK_SAID = True
