@@ -277,3 +277,30 @@ def test_the_placeholder_check_moves_to_the_host(monkeypatch):
         calls.clear()
         model(**row.model_inputs("upstream", host=False))
         assert calls and all(calls), "a row without host metadata must keep transformers' check"
+
+
+@pytest.mark.parametrize("family", [f for f in VISION_FAMILIES if FAMILIES[f].deepstack_mergers])
+def test_deepstack_adds_by_index_with_the_collators_positions(family, monkeypatch):
+    """With the collator's placeholder positions, deepstack's features go in by index, never through the original
+    boolean-mask code (two host syncs a layer, and more in the backward); without them the original runs. The
+    outputs of both are bit-identical (``test_precomputed_vision_inputs_are_the_towers_own``)."""
+    import qwenvl.patches as patches
+
+    model, rows = _model_and_rows(family)
+    _preamble_or_skip(model)
+    classes = patches._deepstack_classes(FAMILIES[family].import_module())
+    assert classes, f"{family} names deepstack mergers but its module has no _deepstack_process"
+    calls = []
+    for cls in classes:
+        real = cls._deepstack_process
+
+        def spy(self, *args, _real=real, **kwargs):
+            calls.append(type(self).__name__)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "_deepstack_process", spy)
+    row = next(r for r in rows if r.image_grid_thw is not None)
+    _step(model, [row.model_inputs("upstream")])
+    assert calls == [], f"the boolean-mask deepstack ran {len(calls)} times with the collator's positions"
+    _step(model, [row.model_inputs("upstream", host=False)])
+    assert calls, "without the positions the original deepstack must run"

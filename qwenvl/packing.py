@@ -47,6 +47,7 @@ __all__ = [
     "HostMeta",
     "HOST_KEY",
     "SKIPPED_KEY",
+    "VISUAL_KEY",
 ]
 
 
@@ -150,6 +151,9 @@ HOST_KEY = "qwenvl_host"
 # this key naming it; the collators gather the names into the batch under it, the trainer counts them, and the
 # model entry drops it.
 SKIPPED_KEY = "qwenvl_skipped"
+# The row's vision placeholder positions (int64, ascending), computed by the collator on the host and moved with the
+# batch like any tensor: deepstack's injection indexes with them instead of a boolean mask (a host sync each).
+VISUAL_KEY = "qwenvl_visual_positions"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from qwenvl.packing import (
     HOST_KEY,
     IGNORE_INDEX,
     SKIPPED_KEY,
+    VISUAL_KEY,
     HostMeta,
     cu_seqlens_to_position_ids,
     lengths_to_cu_seqlens,
@@ -130,7 +131,7 @@ class PackedCollator:
         """The host metadata of ``batch``, adding the vision tower's precomputed inputs to it."""
         vision, grids, checked = {}, {}, False
         if self.vision is not None and self.vision.config is not None:
-            self.vision.check_placeholders(batch["input_ids"].cpu(), batch)
+            batch[VISUAL_KEY] = self.vision.check_placeholders(batch["input_ids"].cpu(), batch)
             checked = True
         if self.vision is not None:
             for modality in ("image", "video"):

@@ -75,9 +75,10 @@ class VisionPreamble:
             interpolation = (int(tower.num_grid_per_side), str(tower.interpolation_mode), bool(tower.interpolation_align_corners))
         return cls(int(tower.spatial_merge_size), window, interpolation, not spec.tower_reads_grid, model.config)
 
-    def check_placeholders(self, input_ids_1T: torch.Tensor, grids: dict[str, torch.Tensor]) -> None:
+    def check_placeholders(self, input_ids_1T: torch.Tensor, grids: dict[str, torch.Tensor]) -> torch.Tensor:
         """That the row holds as many placeholder tokens of each modality as its grids give features, checked on
-        the host (transformers checks it on the device, a host sync per modality, and is then spared it)."""
+        the host (transformers checks it on the device, a host sync per modality, and is then spared it); returns
+        the placeholders' flat positions, ascending (where deepstack adds its features)."""
         from qwenvl.positions import mm_token_type_ids
 
         types = mm_token_type_ids(self.config, input_ids_1T)
@@ -87,6 +88,7 @@ class VisionPreamble:
             tokens = int((types == kind).sum())
             if tokens != features:
                 raise ValueError(f"a packed row holds {tokens} {modality} placeholder tokens but its {modality} grids give {features} features")
+        return torch.nonzero(types.flatten() > 0).flatten()
 
     def kwargs(self, modality: str, grid_thw: torch.Tensor) -> tuple[dict, dict[str, tuple[int, ...]]]:
         """The tower's precomputed inputs for ``grid_thw`` (a CPU ``(n, 3)`` grid), named as ``model(**batch)``

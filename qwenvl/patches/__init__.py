@@ -188,6 +188,14 @@ def _linear_mask_targets(spec: FamilySpec, module) -> list[tuple[object, str]]:
     return targets
 
 
+def _deepstack_classes(module) -> list[type]:
+    """The module's own classes that define ``_deepstack_process`` (the text models of deepstack families)."""
+    return [
+        obj for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == module.__name__ and "_deepstack_process" in obj.__dict__
+    ]
+
+
 def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.PatchState) -> None:
     module = spec.import_module()
     for cls_name in spec.entry_classes:
@@ -195,6 +203,8 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
         recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward, state))
         if "get_placeholder_mask" in cls.__dict__:  # transformers' own placeholder count check: skipped when checked
             recorder.setattr(cls, "get_placeholder_mask", _dispatch.placeholder_mask(cls.get_placeholder_mask, state))
+    for cls in _deepstack_classes(module):  # deepstack by index, where the collator sent the positions
+        recorder.setattr(cls, "_deepstack_process", _dispatch.deepstack(cls._deepstack_process, state))
     for name in spec.mask_builders:
         recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
     recorder.setattr(

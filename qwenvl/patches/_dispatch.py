@@ -37,6 +37,7 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 __all__ = [
     "PatchState",
     "placeholder_mask",
+    "deepstack",
     "entry_forward",
     "packed_meta_from_inputs",
     "mask_builder",
@@ -59,6 +60,9 @@ class PatchState:
     # This forward's placeholder counts were checked on the host (HostMeta.placeholders_checked): the model's own
     # check, a host sync per modality, is skipped (``placeholder_mask``).
     placeholders_checked: bool = False
+    # This forward's vision placeholder positions on the device (the collator's VISUAL_KEY), or None: deepstack
+    # then adds its features by index (``deepstack``) instead of through a boolean mask.
+    visual_index: torch.Tensor | None = None
 
     def vision_meta(self, cu_seqlens: torch.Tensor) -> VarlenMeta:
         for cached, meta in self._vision_cache:
@@ -117,6 +121,24 @@ def placeholder_mask(original: Callable, state: PatchState) -> Callable:
 
     setattr(get_placeholder_mask, _WRAPPED, original)
     return get_placeholder_mask
+
+
+def deepstack(original: Callable, state: PatchState) -> Callable:
+    """Wrap a text model's ``_deepstack_process``: with this forward's placeholder positions from the collator, the
+    visual features are added with ``index_add`` at those positions, the same additions as the original's
+    ``h[mask] + features`` written back to ``h[mask]`` (which syncs twice, and again in the backward)."""
+
+    @functools.wraps(original)
+    def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+        index = state.visual_index
+        if index is None or hidden_states.shape[0] != 1 or index.numel() != visual_embeds.shape[0]:
+            return original(self, hidden_states, visual_pos_masks, visual_embeds)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        added = flat.index_add(0, index.to(flat.device), visual_embeds.to(flat.device, flat.dtype))
+        return added.view_as(hidden_states)
+
+    setattr(_deepstack_process, _WRAPPED, original)
+    return _deepstack_process
 
 
 def _router_mask(meta: VarlenMeta, device) -> torch.Tensor | None:

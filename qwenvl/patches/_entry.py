@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from qwenvl.packing import HOST_KEY, SKIPPED_KEY, HostMeta, VarlenMeta
+from qwenvl.packing import HOST_KEY, SKIPPED_KEY, VISUAL_KEY, HostMeta, VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 if TYPE_CHECKING:
@@ -147,11 +147,13 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
     """
     host = kwargs.pop(HOST_KEY, None)
     kwargs.pop(SKIPPED_KEY, None)  # the names of skipped samples (for the trainer's count), never the model's
+    visual = kwargs.pop(VISUAL_KEY, None)
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
         return attention_mask
     if state is not None:
         state.placeholders_checked = False  # until this forward's host metadata says so (_use_host)
+        state.visual_index = None
     if host is not None and not isinstance(host, HostMeta):
         raise TypeError(f"{HOST_KEY} must be a qwenvl.packing.HostMeta (what PackedCollator adds), got {type(host).__name__}")
     cu_q = kwargs.pop("cu_seq_lens_q", None)
@@ -195,6 +197,8 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
         meta = meta._replace(padding=host.padding)
     _hand_on(kwargs, meta, rows, row_len)
     _use_host(kwargs, host, state, device)
+    if state is not None and host is not None:
+        state.visual_index = visual
     return meta
 
 
