@@ -37,3 +37,19 @@ def test_every_release_has_its_lock_and_no_other_lock_is_kept():
 
 def test_the_goldens_are_written_under_the_newest_release():
     assert _load(ROOT / "scripts" / "make_golden.py").pinned_versions()[0] == TESTED_VERSIONS[-1]
+
+
+def test_the_linear_extra_brings_what_flas_backward_needs_on_hopper():
+    """fla_problem() sends a Hopper user with Triton < 3.7.1 to tilelang: the `linear` extra must install it there
+    (Linux x86_64, where its wheels are), so `pip install 'qwenvl[linear]'` trains with fla's backward."""
+    import tomllib
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    requirements = {Requirement(r).name: Requirement(r) for r in extras["linear"]}
+    assert {"fla-core", "flash-linear-attention", "tilelang"} <= requirements.keys()
+    linux = {**default_environment(), "platform_system": "Linux", "platform_machine": "x86_64"}
+    assert requirements["tilelang"].marker.evaluate(linux)
+    assert not requirements["tilelang"].marker.evaluate({**linux, "platform_system": "Darwin"})
