@@ -85,7 +85,8 @@ def fla_problem(device: torch.device, *, backward: bool) -> str | None:
         if hopper and Version("3.4.0") <= triton_version < Version("3.7.1"):
             return (
                 f"fla refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (3.4 to 3.7.0 "
-                "give wrong results, fla issue #640): upgrade Triton to 3.7.1 or install tilelang (pip install 'qwenvl[linear]' brings it on Linux x86_64)"
+                "give wrong results, fla issue #640): upgrade Triton to 3.7.1 or install tilelang "
+                "(pip install 'qwenvl[linear]' brings it on Linux x86_64)"
             )
     return None
 
