@@ -23,6 +23,7 @@ __path__ = CheckoutPath(__path__, __name__)
 from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator, to_device
 from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, check_rows, read_rows
 from qwenvl.data.packer import Packing, ShardedPacking, pack, pack_shards, shard_by_tokens
+from qwenvl.data.stream import OnlinePacker
 
 __all__ = [
     "SupervisedDataset",
@@ -35,6 +36,7 @@ __all__ = [
     "pack_shards",
     "shard_by_tokens",
     "Packing",
+    "OnlinePacker",
     "ShardedPacking",
     "PackedDataset",
     "to_device",
