@@ -304,3 +304,39 @@ def test_deepstack_adds_by_index_with_the_collators_positions(family, monkeypatc
     assert calls == [], f"the boolean-mask deepstack ran {len(calls)} times with the collator's positions"
     _step(model, [row.model_inputs("upstream", host=False)])
     assert calls, "without the positions the original deepstack must run"
+
+
+def test_a_forward_of_its_own_never_sees_the_last_ones_host_metadata():
+    """A VarlenMeta handed to the model directly starts a forward of its own: the placeholder positions and the
+    skipped check of the collator's previous row must not apply to it (the same samples in another order would get
+    deepstack features at the old row's positions)."""
+    from qwenvl.data import PackedCollator
+    from qwenvl.packing import VarlenMeta
+
+    model, rows = _model_and_rows("qwen3_vl")
+    row = next(r for r in rows if r.image_grid_thw is not None)
+    collated = PackedCollator.for_model(model)(row.items)
+    reordered = PackedCollator()(row.items[::-1])
+    for batch in (collated, reordered):
+        batch.pop("labels")
+    direct = {k: v for k, v in reordered.items() if k != HOST_KEY}
+    direct["attention_mask"] = VarlenMeta.from_cu_seqlens(direct["attention_mask"])
+    with qwenvl.patch(model, backend="sdpa"), torch.no_grad():
+        fresh = model(**direct).logits
+        model(**collated)
+        after = model(**direct).logits
+    assert torch.equal(after, fresh)
+
+
+def test_a_row_mixing_media_where_one_placeholder_serves_both_is_refused_by_the_collator():
+    from qwenvl.data import PackedCollator
+    from qwenvl.positions import rope_index
+
+    model = tiny_model("glm4v", seed=3)
+    gen = torch.Generator().manual_seed(5)
+    samples = [make_sample(model.config, spec, generator=gen) for spec in (SampleSpec(6, image=(4, 4)), SampleSpec(5, video=(2, 4, 4)))]
+    items = [s.item(rope_index(model, s.input_ids[None], image_grid_thw=s.image_grid_thw, video_grid_thw=s.video_grid_thw)[:, 0]) for s in samples]
+    if VisionPreamble.of(model) is None:
+        pytest.skip(f"the collator counts placeholders where transformers takes the tower's inputs ({HOOKS_SINCE}+)")
+    with pytest.raises(ValueError, match="glm4v fills images and videos with one placeholder"):
+        PackedCollator.for_model(model)(items)

@@ -79,9 +79,14 @@ class VisionPreamble:
         """That the row holds as many placeholder tokens of each modality as its grids give features, checked on
         the host (transformers checks it on the device, a host sync per modality, and is then spared it); returns
         the placeholders' flat positions, ascending (where deepstack adds its features)."""
+        from qwenvl.families import get_family
         from qwenvl.positions import mm_token_type_ids
 
         types = mm_token_type_ids(self.config, input_ids_1T)
+        if {1, 2} <= set(types.unique().tolist()) and not get_family(self.config.model_type).mixes_media():
+            from qwenvl.data.synthetic import mixing_error
+
+            raise mixing_error(self.config.model_type, "a packed row")  # transformers would refuse it in the forward
         for kind, modality in ((1, "image"), (2, "video")):
             grid = grids.get(f"{modality}_grid_thw")
             features = 0 if grid is None else int(grid.prod(-1).sum()) // self.merge**2

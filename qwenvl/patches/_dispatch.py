@@ -63,6 +63,12 @@ class PatchState:
     # This forward's vision placeholder positions on the device (the collator's VISUAL_KEY), or None: deepstack
     # then adds its features by index (``deepstack``) instead of through a boolean mask.
     visual_index: torch.Tensor | None = None
+    # The VarlenMeta of the forward the two fields above belong to (set by the model entry that built it).
+    owner: VarlenMeta | None = None
+
+    def forget(self) -> None:
+        """A new forward: nothing of the last one's host metadata applies."""
+        self.placeholders_checked, self.visual_index, self.owner = False, None, None
 
     def vision_meta(self, cu_seqlens: torch.Tensor) -> VarlenMeta:
         for cached, meta in self._vision_cache:

@@ -150,10 +150,13 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
     visual = kwargs.pop(VISUAL_KEY, None)
     attention_mask = kwargs.get("attention_mask")
     if isinstance(attention_mask, VarlenMeta):
+        # The outer entry's metadata passing through (the inner XModel.forward, the fused loss's call) keeps the
+        # per-forward state it set; a VarlenMeta from anywhere else starts a forward of its own, without it.
+        if state is not None and attention_mask is not state.owner:
+            state.forget()
         return attention_mask
     if state is not None:
-        state.placeholders_checked = False  # until this forward's host metadata says so (_use_host)
-        state.visual_index = None
+        state.forget()  # until this forward's host metadata says otherwise (_use_host)
     if host is not None and not isinstance(host, HostMeta):
         raise TypeError(f"{HOST_KEY} must be a qwenvl.packing.HostMeta (what PackedCollator adds), got {type(host).__name__}")
     cu_q = kwargs.pop("cu_seq_lens_q", None)
@@ -197,8 +200,10 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
         meta = meta._replace(padding=host.padding)
     _hand_on(kwargs, meta, rows, row_len)
     _use_host(kwargs, host, state, device)
-    if state is not None and host is not None:
-        state.visual_index = visual
+    if state is not None:
+        state.owner = meta
+        if host is not None:
+            state.visual_index = visual
     return meta
 
 
