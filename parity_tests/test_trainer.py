@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -241,3 +242,25 @@ def test_import_changes_nothing():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
+
+
+def test_evaluate_on_packed_rows_patches_an_unpatched_model_for_the_duration(tmp_path):
+    """Like train: evaluate() on packed rows with nothing patched patches the model while it runs (the loss equals
+    the explicitly patched one), and leaves nothing patched after; a packed batch is never evaluated unpatched."""
+    import qwenvl
+    from qwenvl.data import PackedCollator
+    from qwenvl.patches import active_patch
+    from qwenvl.verify.batches import SampleSpec, make_sample, pack
+
+    model = tiny_model("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(0)
+    rows = [pack(model, [make_sample(model.config, SampleSpec(n, image=img), generator=gen) for n, img in specs]).items
+            for specs in (((9, (4, 4)), (5, None)), ((7, None), (3, (2, 2))))]
+    args = _args(tmp_path, per_device_eval_batch_size=1)
+    trainer = QwenVLTrainer(model=model, args=args, eval_dataset=rows, data_collator=PackedCollator())
+    assert active_patch() is None
+    metrics = trainer.evaluate()
+    assert active_patch() is None
+    with qwenvl.patch(model):
+        patched = trainer.evaluate()
+    assert metrics["eval_loss"] == patched["eval_loss"] and math.isfinite(metrics["eval_loss"])

@@ -59,5 +59,5 @@ def _patch_for_packed_rows(model, train_dataset, data_collator):
         family = family_of_model(model).name
     except UnknownFamilyError:
         return None  # not a model we patch; a packed batch reaching it is refused in training_step
-    logger.info("QwenVLTrainer: %s patched for packed batches (qwenvl.patch(model)) for this training run", family)
+    logger.info("QwenVLTrainer: %s patched for packed batches (qwenvl.patch(model)) for this run", family)
     return patch(model)

@@ -36,6 +36,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from qwenvl.packing import SKIPPED_KEY
 from qwenvl.train.checkpoint import (
     _checkpoint_keys,
     _fill_missing_optimizer_state,
@@ -150,6 +151,22 @@ class QwenVLTrainer(transformers.Trainer):
             if handle is not None:
                 handle.revert()
 
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        """``Trainer.evaluate``; on packed rows while nothing is patched, the model is patched for the duration,
+        as in ``train``."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        handle = _patch_for_packed_rows(self.model, dataset, self.data_collator)
+        try:
+            return super().evaluate(eval_dataset, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.revert()
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop(SKIPPED_KEY, None)
+        _refuse_unpatched_packed(self.model, inputs)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         """A ``PackedDataset`` packed for several ranks keeps each step's rows together (``StepSampler``), so
         accelerate's round-robin sharding hands rank ``r`` its own rows; anything else: transformers' sampler."""
@@ -180,8 +197,6 @@ class QwenVLTrainer(transformers.Trainer):
     def _count_skipped(self, inputs) -> None:
         """Samples that failed to decode in a worker and were skipped (``--skip_bad_samples``): counted
         (``skipped_in_training``) and each named in the log; the key never reaches the model."""
-        from qwenvl.packing import SKIPPED_KEY
-
         for name in inputs.pop(SKIPPED_KEY, ()):
             self.skipped_in_training += 1
             logger.warning("skipped a sample that failed to decode (%d so far): %s", self.skipped_in_training, name)
