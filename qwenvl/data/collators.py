@@ -44,7 +44,7 @@ from qwenvl.packing import (
     mask_boundary_labels,
 )
 
-__all__ = ["PackedCollator", "PaddedCollator", "to_device", "VISION_KEYS", "SKIPPED_KEY", "CONVENTIONS", "IGNORE_INDEX"]
+__all__ = ["PackedCollator", "PaddedCollator", "to_device", "masked_segment", "VISION_KEYS", "SKIPPED_KEY", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -61,6 +61,17 @@ def _flatten(items: Sequence[Any]) -> list[dict]:
     if not samples:
         raise ValueError("a batch needs at least one sample")
     return samples
+
+
+def masked_segment(length: int, pad_token_id: int = 0, *, device=None) -> dict[str, torch.Tensor]:
+    """A sample of ``length`` tokens that no loss sees: ``pad_token_id`` ids, every label ignored, text positions on
+    the three mrope rows, no vision (a padded row's filler; a skipped sample's stand-in in the dataset)."""
+    return {
+        "input_ids": torch.full((length,), pad_token_id, dtype=torch.long, device=device),
+        "labels": torch.full((length,), IGNORE_INDEX, dtype=torch.long, device=device),
+        "position_ids": torch.arange(length, device=device).expand(3, length).clone(),
+        "mm_token_type_ids": torch.zeros(length, dtype=torch.int32, device=device),
+    }
 
 
 def _skipped(samples: list[dict]) -> dict:
@@ -110,14 +121,9 @@ class PackedCollator:
         extra = 0 if self.pad_to_multiple_of is None else -total % self.pad_to_multiple_of
         if not extra:
             return samples
-        device = samples[0]["input_ids"].device
-        filler = {
-            "input_ids": torch.full((extra,), self.pad_token_id, dtype=torch.long, device=device),
-            "labels": torch.full((extra,), IGNORE_INDEX, dtype=torch.long, device=device),
-            "position_ids": torch.arange(extra, device=device).expand(3, extra).to(samples[0]["position_ids"].dtype),
-        }
-        if all("mm_token_type_ids" in s for s in samples):
-            filler["mm_token_type_ids"] = torch.zeros(extra, dtype=samples[0]["mm_token_type_ids"].dtype, device=device)
+        filler = masked_segment(extra, self.pad_token_id, device=samples[0]["input_ids"].device)
+        if not all("mm_token_type_ids" in s for s in samples):
+            filler.pop("mm_token_type_ids")
         return [*samples, filler]
 
     @classmethod

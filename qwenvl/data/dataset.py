@@ -40,7 +40,7 @@ from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.replies import Replies
 from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
-from qwenvl.data.collators import IGNORE_INDEX, SKIPPED_KEY, VISION_KEYS
+from qwenvl.data.collators import IGNORE_INDEX, SKIPPED_KEY, VISION_KEYS, masked_segment
 from qwenvl.positions import rope_index
 
 __all__ = ["SupervisedDataset", "BadSampleError", "DataFileError", "RowRef", "read_rows", "check_rows", "IGNORE_INDEX", "sample_item"]
@@ -242,15 +242,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """What a row that fails to decode in training becomes with ``skip_bad_samples``: a segment of its
         admitted length that no loss sees (padding ids, every label ignored, text positions), so its packed row
         keeps its shape, and ``SKIPPED_KEY`` naming the row and the problem (counted by the trainer)."""
-        n = self.lengths[index]
-        pad = getattr(self.processor.tokenizer, "pad_token_id", None) or 0
-        item = {
-            "input_ids": torch.full((n,), pad, dtype=torch.long),
-            "labels": torch.full((n,), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.arange(n).expand(3, n).clone(),
-            "mm_token_type_ids": torch.zeros(n, dtype=torch.int32),
-            SKIPPED_KEY: f"{exc.ref}: {exc.problem}",
-        }
+        item = masked_segment(self.lengths[index], getattr(self.processor.tokenizer, "pad_token_id", None) or 0)
+        item[SKIPPED_KEY] = f"{exc.ref}: {exc.problem}"
         return item
 
     def _admit_by_header(self, row: _Row, ids: list[int] | None = None) -> tuple[_Row, int, bool]:

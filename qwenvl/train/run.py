@@ -271,9 +271,9 @@ def _rows(dataset, processor, data_args: DataArguments, training_args) -> tuple:
     summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
     if training_args.process_index == 0:
         logger.warning("qwenvl train: data: %s", summary["data"])
+    pad = getattr(processor.tokenizer, "pad_token_id", None) or 0
     if not data_args.packing:
-        pad = processor.tokenizer.pad_token_id
-        return dataset, PaddedCollator(pad if pad is not None else 0), summary
+        return dataset, PaddedCollator(pad), summary
     shards = data_args.pack_shards or training_args.world_size
     budget = data_args.pack_budget or data_args.model_max_length
     train_dataset = PackedDataset(dataset, budget, seed=training_args.seed, shards=shards)
@@ -283,7 +283,6 @@ def _rows(dataset, processor, data_args: DataArguments, training_args) -> tuple:
         summary["ranks"] = train_dataset.packing.report()
     if training_args.process_index == 0:
         logger.warning("qwenvl train: packing: %s", summary["packing"])
-    pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None) or 0
     collator = PackedCollator(data_args.packing_convention, pad_to_multiple_of=data_args.pad_to_multiple_of, pad_token_id=pad)
     return train_dataset, collator, summary
 
