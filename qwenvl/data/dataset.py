@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from qwenvl.data.lengths import template_ids, probe_length_rule
 from qwenvl.data.media import image_size, load_video, open_image
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.replies import Replies
-from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _Rows, _specs, check_rows, read_rows
+from qwenvl.data.row_index import AdmittedRows, Ints, RowIndex, check_rows, index_files, read_rows
+from qwenvl.data.rows import BadSampleError, DataFileError, RowRef, _check_row, _Row, _specs
 from qwenvl.data.collators import IGNORE_INDEX, SKIPPED_KEY, VISION_KEYS, masked_segment
 from qwenvl.positions import rope_index
 
@@ -108,39 +109,39 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.skip_bad_samples = skip_bad_samples
         self._replies = Replies(processor)
         self._rule = None
-        self.skipped: list[tuple[RowRef, str]] = []
-        self.truncated: list[RowRef] = []
-        rows = read_rows(data_path, seed=seed)
         self.length_cache_path = None
         key = self._cache_key(data_path, seed, header_lengths) if length_cache else None
-        cached = load_lengths(key, len(rows)) if key else None
-        if cached is None and header_lengths:
-            self._rule, why = probe_length_rule(processor, model)
-            if self._rule is None:
-                logger.info("image rows are processed in full to learn their lengths: %s", why)
+        cached = load_lengths(key) if key else None
         if cached is not None:
-            results = _from_cache(rows, *cached[:3])
-            self.length_cache_path = cached[3]
-            logger.info("lengths of %d rows from the cache %s", len(rows), self.length_cache_path)
+            arrays, problems, self.length_cache_path = cached
+            index = RowIndex(index_files(data_path), arrays)
+            logger.info("lengths of %d rows from the cache %s", len(index), self.length_cache_path)
         else:
-            results = self._admit_all(rows, num_workers)
+            index = read_rows(data_path, seed=seed)
+            if header_lengths:
+                self._rule, why = probe_length_rule(processor, model)
+                if self._rule is None:
+                    logger.info("image rows are processed in full to learn their lengths: %s", why)
+            arrays, problems = self._admit_all(index, num_workers)
             if key:
-                self.length_cache_path = save_lengths(key, *_to_cache(results))
-        self.rows = _Rows()
-        self.lengths: list[int] = []
-        for (ref, _), result in zip(rows, results):
-            if isinstance(result, BadSampleError):
-                if not skip_bad_samples:
-                    raise result
-                self.skipped.append((ref, result.problem))
-            else:
-                row, length, truncated = result
-                self.rows.append(row)
-                self.lengths.append(length)
-                if truncated:
-                    self.truncated.append(ref)
-        if not self.rows:
+                self.length_cache_path = save_lengths(key, {**arrays, **index.arrays}, problems)
+        self._keep(index, arrays, problems)
+        if not len(self.rows):
             raise DataFileError(f"every row of {data_path} was bad ({len(self.skipped)} skipped): nothing to train on")
+
+    def _keep(self, index: RowIndex, arrays: dict[str, np.ndarray], problems: dict[int, str]) -> None:
+        """The admitted rows (``rows``: parsed from disk when read), their ``lengths`` (``Ints``) and video flags,
+        and the rows ``truncated`` and ``skipped``; in a strict run the first bad row raises here."""
+        status = arrays["status"]
+        bad = np.flatnonzero(status == BAD)
+        if len(bad) and not self.skip_bad_samples:
+            raise BadSampleError(index.ref(bad[0]), problems[int(bad[0])])
+        self.skipped: list[tuple[RowRef, str]] = [(index.ref(i), problems[int(i)]) for i in bad]
+        self.truncated: list[RowRef] = [index.ref(i) for i in np.flatnonzero(status == CUT)]
+        kept = np.flatnonzero(status != BAD)
+        self.rows = AdmittedRows(index.take(kept))
+        self.lengths = Ints(arrays["lengths"][kept].astype(np.int32))
+        self._videos = arrays["videos"][kept].astype(np.int8)
 
     def _cache_key(self, data_path, seed: int, header_lengths: bool) -> str | None:
         try:
@@ -160,24 +161,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
         if family_of_model(self.model).mixes_media():
             return None
-        return [int(bool(row.videos)) for row in self.rows]
+        return self._videos.astype(bool).astype(int).tolist()
 
-    def _admit_all(self, rows: list[tuple[RowRef, Any]], num_workers: int) -> list:
-        """Each row's ``((RowRef, raw row), length, truncated)`` or its ``BadSampleError``, in order, a chunk of rows
-        at a time: rows the length rule covers with one batched template render and tokenizer call a chunk, the
-        others processed in threads. Parsed rows live only for their chunk (``_Rows`` parses again when read):
-        a million rows are never all parsed at once."""
-        results: list = [None] * len(rows)
+    def _admit_all(self, index: RowIndex, num_workers: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Per row of ``index``, its ``status`` (``OK``, ``CUT``, ``BAD``), ``lengths`` and ``videos`` (whether it holds
+        one), and the problem of each bad row, a chunk of rows at a time: rows the length rule covers with one
+        batched template render and tokenizer call a chunk, the others processed in threads. Parsed rows live only
+        for their chunk: a million rows are never all parsed at once."""
+        status, lengths, videos = (np.zeros(len(index), dtype=t) for t in (np.int8, np.int32, np.int8))
+        problems: dict[int, str] = {}
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for start in range(0, len(rows), _HEADER_CHUNK):
+            for start in range(0, len(index), _HEADER_CHUNK):
                 by_header: list[tuple[int, _Row]] = []
                 processed: list[tuple[int, _Row]] = []
-                for i in range(start, min(start + _HEADER_CHUNK, len(rows))):
+                for i, (ref, raw) in enumerate(index.chunk(start, start + _HEADER_CHUNK), start):
                     try:
-                        row = _check_row(*rows[i])
+                        row = _check_row(ref, raw)
                     except BadSampleError as exc:
-                        results[i] = exc
+                        status[i], problems[i] = BAD, exc.problem
                         continue
+                    videos[i] = bool(row.videos)
                     (by_header if self._rule is not None and not row.videos else processed).append((i, row))
                 # anything else a row can trip (the template, the processor, the positions) is still named
                 done = list(pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)) if processed else []
@@ -186,8 +189,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 if by_header:
                     done += self._admit_by_header_chunk([row for _, row in by_header])
                 for (i, _), result in zip(processed + by_header, done):
-                    results[i] = result if isinstance(result, BadSampleError) else (rows[i], *result[1:])
-        return results
+                    if isinstance(result, BadSampleError):
+                        status[i], problems[i] = BAD, result.problem
+                    else:
+                        _, lengths[i], truncated = result
+                        status[i] = CUT if truncated else OK
+        return {"status": status, "lengths": lengths, "videos": videos}, problems
 
     def _admit_by_header_chunk(self, rows: list[_Row]) -> list:
         try:
@@ -276,7 +283,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return row, limit, True
 
     def summary(self) -> str:
-        text = f"{len(self.rows)} samples, {sum(self.lengths)} tokens"
+        text = f"{len(self.rows)} samples, {int(self.lengths.values.sum())} tokens"
         if self.truncated:
             text += f"; {len(self.truncated)} truncated to {self.model_max_length} tokens"
         if self.skipped:
@@ -333,30 +340,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not (labels != IGNORE_INDEX).any():
             raise BadSampleError(row.ref, f"no assistant token left within model_max_length {limit}")
         return input_ids[:limit], labels, True
-
-
-def _to_cache(results: list) -> tuple:
-    status = np.zeros(len(results), dtype=np.int8)
-    lengths = np.zeros(len(results), dtype=np.int32)
-    problems = {}
-    for i, result in enumerate(results):
-        if isinstance(result, BadSampleError):
-            status[i], problems[i] = BAD, result.problem
-        else:
-            _, lengths[i], truncated = result
-            status[i] = CUT if truncated else OK
-    return status, lengths, problems
-
-
-def _from_cache(rows: list[tuple[RowRef, Any]], status, lengths, problems: dict[int, str]) -> list:
-    """The length pass's results from the cache: nothing tokenized, and the admitted rows left unparsed (_Rows)."""
-    results: list = []
-    for i, (ref, raw) in enumerate(rows):
-        if status[i] == BAD:
-            results.append(BadSampleError(ref, problems[i]))
-        else:  # parsed when first read (_Rows): a media file gone since then is named there
-            results.append(((ref, raw), int(lengths[i]), bool(status[i] == CUT)))
-    return results
 
 
 # Rows per batched template render and tokenizer call in the length pass.

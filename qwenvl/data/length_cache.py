@@ -1,8 +1,10 @@
 """The length pass's results on disk, so that a second start of the same run skips it.
 
 One file per (data, processor, options) under ``$QWENVL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/qwenvl`` or
-``~/.cache/qwenvl``), ``lengths/<key>.npz``: per input row, in order, its status (admitted, cut, bad) and
-length, and the problem of each bad row. The key hashes everything a length depends on:
+``~/.cache/qwenvl``), ``lengths/<key>.npz``: per input row, in order, its status (admitted, cut, bad), length,
+whether it holds a video, and where it lies in its data file (``qwenvl.data.row_index.RowIndex``: a second start
+neither scans nor parses the data files), and the problem of each bad row. The key hashes everything a length
+depends on:
 
 - each data file's resolved path, size and modification time, its ``%N`` ratio, and the sampling seed;
 - the processor (its saved configuration, chat template included), the tokenizer's vocabulary, the model's
@@ -30,7 +32,7 @@ __all__ = ["cache_dir", "length_cache_key", "load_lengths", "save_lengths", "OK"
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 OK, CUT, BAD = 0, 1, 2
 
 
@@ -86,29 +88,31 @@ def _path(key: str) -> Path:
     return cache_dir() / "lengths" / f"{key}.npz"
 
 
-def load_lengths(key: str, rows: int) -> tuple[np.ndarray, np.ndarray, dict[int, str], Path] | None:
-    """``(status, lengths, problems, path)`` saved under ``key`` for ``rows`` input rows, or ``None``."""
+def load_lengths(key: str) -> tuple[dict[str, np.ndarray], dict[int, str], Path] | None:
+    """``(arrays, problems, path)`` saved under ``key`` (``save_lengths``), or ``None``."""
     path = _path(key)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            status, lengths = data["status"], data["lengths"]
+            arrays = {name: data[name] for name in data.files if name != "problems"}
             problems = {int(k): v for k, v in json.loads(str(data["problems"])).items()}
     except (OSError, ValueError, KeyError) as exc:
         logger.info("length cache %s unreadable (%s): the length pass runs again", path, exc)
         return None
-    if len(status) != rows:
+    if len({len(values) for values in arrays.values()}) != 1 or "status" not in arrays:
         return None
-    return status, lengths, problems, path
+    return arrays, problems, path
 
 
-def save_lengths(key: str, status: np.ndarray, lengths: np.ndarray, problems: dict[int, str]) -> Path | None:
+def save_lengths(key: str, arrays: dict[str, np.ndarray], problems: dict[int, str]) -> Path | None:
+    """Per input row, ``arrays`` of one length each (``status``, ``lengths`` and the dataset's others), and
+    the problem of each bad row."""
     path = _path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-        np.savez(partial, status=status.astype(np.int8), lengths=lengths.astype(np.int32), problems=json.dumps(problems))
+        np.savez(partial, **arrays, problems=json.dumps(problems))
         os.replace(partial, path)  # atomic: a reader never sees half a file
     except OSError as exc:
         logger.info("length cache not written (%s): %s", path, exc)

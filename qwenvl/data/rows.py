@@ -9,23 +9,21 @@ A data file is JSON (a list of rows) or JSONL (a row per line)::
 
 Several files: ``"a.json,b.jsonl%50"``; ``%N`` keeps N percent of that file's rows (a seeded sample; N > 100
 repeats rows). Each ``<image>`` / ``<video>`` tag takes the row's next image / video, in order. The checks here
-need no processor and no model (``check_rows`` runs them before anything slow loads); a bad row raises
+need no processor and no model (``qwenvl.data.row_index.check_rows`` runs them before anything slow loads); a bad row raises
 ``BadSampleError`` naming its file and index.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["DataFileError", "BadSampleError", "RowRef", "read_rows", "check_rows"]
+__all__ = ["DataFileError", "BadSampleError", "RowRef"]
 
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _TAG = re.compile(r"(<image>|<video>)")
@@ -70,28 +68,6 @@ def _parse_spec(spec: str) -> tuple[Path, float]:
     return Path(path).expanduser(), float(ratio) / 100 if ratio else 1.0
 
 
-def _load_file(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise DataFileError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataFileError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(rows, list):
-        raise DataFileError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
-    return rows
-
-
 def _specs(data_path: str | os.PathLike | Sequence[str]) -> list[str]:
     """The ``file%N`` entries of a data path: comma-separated, one path, or a list."""
     if isinstance(data_path, str):
@@ -99,41 +75,6 @@ def _specs(data_path: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(data_path, os.PathLike):  # one file (a Path is never split at commas)
         return [os.fspath(data_path)]
     return [str(spec) for spec in data_path]
-
-
-def read_rows(data_path: str | os.PathLike | Sequence[str], *, seed: int = 0) -> list[tuple[RowRef, Any]]:
-    """The rows of every data file, each with its ``RowRef``; ``%N`` sampling applied (seeded)."""
-    out: list[tuple[RowRef, Any]] = []
-    for spec in _specs(data_path):
-        path, ratio = _parse_spec(str(spec))
-        rows = [(RowRef(path, i), row) for i, row in enumerate(_load_file(path))]
-        if ratio != 1.0:
-            whole, part = divmod(ratio, 1.0)
-            rng = random.Random(f"{seed}:{path}")
-            kept = rows * int(whole) + rng.sample(rows, round(part * len(rows)))
-            if rows and not kept:
-                raise DataFileError(f"data path {spec!r}: {ratio * 100:g}% of {len(rows)} rows keeps none")
-            rows = kept
-        out.extend(rows)
-    if not out:
-        raise DataFileError(f"no rows in {data_path}")
-    return out
-
-
-def check_rows(data_path: str | Sequence[str], *, seed: int = 0, skip_bad_samples: bool = False) -> list[tuple[RowRef, str]]:
-    """The cheap checks of every row, before any processor or model loads: the files readable, each row's
-    structure, its tags against its media, every media file present. Raises the first ``DataFileError`` /
-    ``BadSampleError``; with ``skip_bad_samples`` returns the bad rows (``SupervisedDataset`` leaves them out
-    and counts them) instead. Decoding and the processor come later, in ``SupervisedDataset``."""
-    bad = []
-    for ref, raw in read_rows(data_path, seed=seed):
-        try:
-            _check_row(ref, raw)
-        except BadSampleError as exc:
-            if not skip_bad_samples:
-                raise
-            bad.append((ref, exc.problem))
-    return bad
 
 
 def _as_list(value) -> list:
@@ -197,27 +138,3 @@ def _check_row(ref: RowRef, row: Any) -> _Row:
         if counts[kind] != len(media[kind]):
             raise BadSampleError(ref, f"{counts[kind]} <{kind}> tags but {len(media[kind])} {kind} files")
     return _Row(ref, messages, media["image"], media["video"], replies)
-
-
-
-class _Rows:
-    """The admitted rows, in order: each a ``_Row``, or its ``(RowRef, raw row)`` until first read (rows from the
-    length cache are parsed only when a DataLoader worker reads them)."""
-
-    def __init__(self) -> None:
-        self._items: list = []
-
-    def append(self, item) -> None:
-        self._items.append(item)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> _Row:
-        item = self._items[index]
-        if isinstance(item, tuple):
-            item = self._items[index] = _check_row(*item)
-        return item
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
