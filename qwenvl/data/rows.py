@@ -15,6 +15,7 @@ need no processor and no model (``qwenvl.data.row_index.check_rows`` runs them b
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -66,6 +67,30 @@ def _parse_spec(spec: str) -> tuple[Path, float]:
         if not percent > 0 or not math.isfinite(percent):
             raise DataFileError(f"data path {spec!r}: the sampling ratio must be > 0 percent, got {ratio}")
     return Path(path).expanduser(), float(ratio) / 100 if ratio else 1.0
+
+
+def _load_file(path: Path) -> list[Any]:
+    """Every row of a data file, parsed (``qwenvl.data.shards`` reads a JSON list so; ``SupervisedDataset`` indexes
+    rows by byte span instead: ``qwenvl.data.row_index``)."""
+    if not path.is_file():
+        raise DataFileError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataFileError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataFileError(f"{path}: a JSON data file must hold a list of rows, got {type(rows).__name__}")
+    return rows
 
 
 def _specs(data_path: str | os.PathLike | Sequence[str]) -> list[str]:
