@@ -5,6 +5,9 @@ a row (``pack``), and build the batches (``PackedCollator``, or ``PaddedCollator
     rows = PackedDataset(dataset, budget=8192, seed=0)          # rows.packing.fill_ratio
     trainer = QwenVLTrainer(..., train_dataset=rows, data_collator=PackedCollator())
 
+    rows = StreamingDataset("shards/", processor, model=model, budget=8192)   # shards read as a stream, packed
+                                                                            # online; train with max_steps
+
     rows = PackedDataset(dataset, budget=8192, seed=0, shards=world_size)   # data-parallel: rows per rank,
                                                                             # rows.packing.summary() (imbalance)
 
@@ -24,6 +27,7 @@ from qwenvl.data.collators import CONVENTIONS, PackedCollator, PaddedCollator, t
 from qwenvl.data.dataset import BadSampleError, DataFileError, RowRef, SupervisedDataset, check_rows, read_rows
 from qwenvl.data.packer import Packing, ShardedPacking, pack, pack_shards, shard_by_tokens
 from qwenvl.data.stream import OnlinePacker
+from qwenvl.data.streaming import StreamingDataset
 
 __all__ = [
     "SupervisedDataset",
@@ -37,6 +41,7 @@ __all__ = [
     "shard_by_tokens",
     "Packing",
     "OnlinePacker",
+    "StreamingDataset",
     "ShardedPacking",
     "PackedDataset",
     "to_device",

@@ -44,9 +44,12 @@ from qwenvl.packing import (
     mask_boundary_labels,
 )
 
-__all__ = ["PackedCollator", "PaddedCollator", "to_device", "masked_segment", "VISION_KEYS", "SKIPPED_KEY", "CONVENTIONS", "IGNORE_INDEX"]
+__all__ = ["PackedCollator", "PaddedCollator", "to_device", "masked_segment", "VISION_KEYS", "SKIPPED_KEY", "STREAM_KEY", "CONVENTIONS", "IGNORE_INDEX"]
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# A streamed packed row's position (``qwenvl.data.streaming``): carried by its first sample, passed through to the
+# batch as a tuple (one per row), taken out by the trainer before the model sees the batch.
+STREAM_KEY = "qwenvl_stream"
 
 
 def _flatten(items: Sequence[Any]) -> list[dict]:
@@ -75,9 +78,14 @@ def masked_segment(length: int, pad_token_id: int = 0, *, device=None) -> dict[s
 
 
 def _skipped(samples: list[dict]) -> dict:
-    """The skipped samples' names under ``SKIPPED_KEY``, when there are any."""
-    names = tuple(s[SKIPPED_KEY] for s in samples if SKIPPED_KEY in s)
-    return {SKIPPED_KEY: names} if names else {}
+    """The skipped samples' names under ``SKIPPED_KEY`` and the streamed rows' positions under ``STREAM_KEY``, when
+    there are any."""
+    out = {}
+    for key in (SKIPPED_KEY, STREAM_KEY):
+        values = tuple(s[key] for s in samples if key in s)
+        if values:
+            out[key] = values
+    return out
 
 
 def _vision(samples: list[dict]) -> dict[str, torch.Tensor]:

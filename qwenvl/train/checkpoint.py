@@ -6,6 +6,8 @@
   have had, so that torch's distributed checkpoint can load it back.
 - :func:`_checkpoint_keys`: the weight names a checkpoint folder holds, to tell when its names are not the
   model's (``QwenVLTrainer._load_from_checkpoint``).
+- :func:`save_stream_state` / :func:`load_stream_state`: a ``StreamingDataset``'s position (``state_dict()``), one
+  small JSON file per rank in ``checkpoint-N/``, so a resumed run reads on exactly where the saved one stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,30 @@ import torch
 
 from qwenvl.train.optim import OptimizerStateMismatch, adopt_optimizer_state
 
-__all__ = ["load_optimizer_and_scheduler_adopting"]
+__all__ = ["load_optimizer_and_scheduler_adopting", "save_stream_state", "load_stream_state", "STREAM_STATE"]
+
+STREAM_STATE = "qwenvl_stream_rank{rank}.json"
+
+
+def save_stream_state(folder: str, dataset, rank: int) -> str:
+    """Write ``dataset.state_dict()`` to ``folder/qwenvl_stream_rank<rank>.json``; returns the file's path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, STREAM_STATE.format(rank=rank))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dataset.state_dict(), f)
+    return path
+
+
+def load_stream_state(folder: str, dataset, rank: int) -> None:
+    """``dataset.load_state_dict`` from ``folder``'s file for ``rank``; a checkpoint without one is refused in one line."""
+    path = os.path.join(folder, STREAM_STATE.format(rank=rank))
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{folder} holds no {os.path.basename(path)}: it was not saved by a streaming run on as many ranks, so "
+            "where the stream stopped is unknown (resume a streaming run from its own checkpoints)"
+        )
+    with open(path, encoding="utf-8") as f:
+        dataset.load_state_dict(json.load(f))
 
 
 def _checkpoint_keys(folder: str) -> set[str] | None:

@@ -16,6 +16,11 @@ Where per-component learning rates cannot take effect, it raises instead of trai
 It also resumes checkpoints that transformers' own resume leaves half loaded (see ``_load_from_checkpoint`` and
 :mod:`qwenvl.train.checkpoint`).
 
+On a ``qwenvl.data.StreamingDataset`` it records the stream's position with every batch it trains on, saves it in
+each checkpoint (one JSON file per rank) and, resuming, puts the stream back there instead of skipping batches: the
+resumed run trains on exactly the rows the uninterrupted one would have. Its DataLoader is built here, without
+accelerate's re-sharding of iterable datasets (each rank already reads its own shards).
+
 Under a data-parallel launcher (torchrun / ``accelerate launch``; DDP, FSDP2, DeepSpeed) it adds what
 ``qwenvl.train.distributed`` describes: the vision dummy pass, so that a rank without images takes part in
 the vision tower's backward (on under a launcher, or with ``dummy_vision_pass=True``); and,
@@ -36,11 +41,14 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from qwenvl.data.collators import STREAM_KEY
 from qwenvl.packing import SKIPPED_KEY
 from qwenvl.train.checkpoint import (
     _checkpoint_keys,
     _fill_missing_optimizer_state,
     load_optimizer_and_scheduler_adopting,
+    load_stream_state,
+    save_stream_state,
 )
 from qwenvl.train.component_optimizer import create_component_optimizer
 from qwenvl.train.deepspeed_config import check_deepspeed_config
@@ -145,11 +153,68 @@ class QwenVLTrainer(transformers.Trainer):
             # printed, not logged: a plain script has logging unconfigured; before the progress bar exists
             print(trainable_report(self.model).format(), flush=True)
         handle = _patch_for_packed_rows(self.model, self.train_dataset, self.data_collator)
+        skip = self.args.ignore_data_skip
         try:
+            if self._streaming:
+                # the stream is put back where the checkpoint was saved: transformers must not skip batches again
+                self._resume_stream(kwargs.get("resume_from_checkpoint", args[0] if args else None))
+                self.args.ignore_data_skip = True
             return super().train(*args, **kwargs)
         finally:
+            self.args.ignore_data_skip = skip
             if handle is not None:
                 handle.revert()
+
+    @property
+    def _streaming(self) -> bool:
+        from qwenvl.data.streaming import StreamingDataset
+
+        return isinstance(self.train_dataset, StreamingDataset)
+
+    def _resume_stream(self, checkpoint) -> None:
+        if checkpoint is None or checkpoint is False:
+            return
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                return  # transformers says there is none, in its own words
+        load_stream_state(checkpoint, self.train_dataset, self.args.process_index)
+        logger.info("the stream goes on from %s: %s", checkpoint, self.train_dataset.summary())
+
+    def get_train_dataloader(self):
+        """transformers' loader; for a ``StreamingDataset`` a plain ``DataLoader`` in order, one stream per rank
+        (accelerate would re-shard an iterable dataset across ranks, or read it on rank 0 only and dispatch)."""
+        if not self._streaming:
+            return super().get_train_dataloader()
+        args = self.args
+        if args.dataloader_persistent_workers:
+            raise ValueError(
+                "a streaming dataset needs fresh DataLoader workers for each pass over the loader: drop "
+                "--dataloader_persistent_workers"
+            )
+        workers = args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=args.dataloader_pin_memory,
+            multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None) if workers else None,
+            prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+        )
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self._streaming:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            save_stream_state(folder, self.train_dataset, self.args.process_index)
+
+    def log(self, logs, *args, **kwargs):
+        if self._streaming and "loss" in logs:
+            logs["fill_ratio"] = round(self.train_dataset.fill_ratio, 4)
+        return super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         """``Trainer.evaluate``; on packed rows while nothing is patched, the model is patched for the duration,
@@ -164,6 +229,7 @@ class QwenVLTrainer(transformers.Trainer):
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         inputs.pop(SKIPPED_KEY, None)
+        inputs.pop(STREAM_KEY, None)
         _refuse_unpatched_packed(self.model, inputs)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
@@ -188,6 +254,9 @@ class QwenVLTrainer(transformers.Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         self._count_skipped(inputs)
+        for tag in inputs.pop(STREAM_KEY, ()):  # trained on: the stream's position moves past this row
+            if self._streaming:
+                self.train_dataset.record(tag)
         _refuse_unpatched_packed(self.model, inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.vision_dummy is not None and self.accelerator.sync_gradients:
