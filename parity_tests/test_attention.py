@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qwenvl.attention import (
@@ -26,7 +26,7 @@ from qwenvl.attention import (
 )
 from qwenvl.attention import _registry
 from qwenvl.packing import VarlenMeta
-from qwenvl.reference import attention_ref, attention_ref_flash_grads, mask_from_cu_seqlens
+from qwenvl.reference import attention_ref, attention_ref_flash_grads, attention_ref_flash_out, mask_from_cu_seqlens
 from strategies import AttnCase, attention_cases
 from tolerances import assert_close_by_rule, reference_dtype, tolerance
 
@@ -62,12 +62,18 @@ def _grads(out, inputs, grad_out):
 @example(case=AttnCase(lengths=(64,), n_heads=4, kv_heads=1, head_dim=32, causal=True))
 @example(case=AttnCase(lengths=(1,) * 16, n_heads=6, kv_heads=2, head_dim=13, causal=True))
 @example(case=AttnCase(lengths=(0, 5, 0, 0, 3, 0), n_heads=4, kv_heads=2, head_dim=8, causal=False))
-@example(case=AttnCase(lengths=(1, 2, 1, 3, 1, 2, 1, 1), n_heads=4, kv_heads=4, head_dim=16, causal=True, window=(1, 0)))
+@example(
+    case=AttnCase(lengths=(1, 2, 1, 3, 1, 2, 1, 1), n_heads=4, kv_heads=4, head_dim=16, causal=True, window=(1, 0))
+)
 @example(case=AttnCase(lengths=(7,), n_heads=4, kv_heads=4, head_dim=8, causal=False, window=(2, 1), scale=0.3))
 @example(case=AttnCase(lengths=(40, 2), n_heads=6, kv_heads=2, head_dim=16, causal=True, window=(4, -1)))
 # One key per query: autograd's softmax backward is exact there, fused kernels are not (see qwenvl.tolerances).
 @example(case=AttnCase(lengths=(12,), n_heads=4, kv_heads=4, head_dim=8, causal=False, window=(0, 0)))
-@example(case=AttnCase(lengths=(2, 1), n_heads=4, kv_heads=2, head_dim=32, causal=False, window=(0, 1), scale=0.3, seed=33597))
+@example(
+    case=AttnCase(
+        lengths=(2, 1), n_heads=4, kv_heads=2, head_dim=32, causal=False, window=(0, 1), scale=0.3, seed=33597
+    )
+)
 def test_backend_matches_reference(backend_dtype, device, case):
     backend, dtype = backend_dtype
     tol = tolerance(device, dtype)
@@ -92,13 +98,32 @@ def test_backend_matches_reference(backend_dtype, device, case):
     out_pt = attention_ref(*pt_in, mask, scale=case.scale, upcast=False)
     grads_pt = _grads(out_pt, pt_in, grad_out)
 
-    # Fused kernels differentiate the way FlashAttention does: that plain computation is a yardstick too.
+    # Fused kernels compute the way FlashAttention does: those plain computations are yardsticks too.
+    out_flash = attention_ref_flash_out(q, k, v, mask, scale=case.scale)
     grads_flash = attention_ref_flash_grads(q, k, v, mask, out_pt, grad_out, scale=case.scale)
 
     rule = dict(draw=case, record=labels, zero_atol=tol.zero_atol)
-    assert_close_by_rule(out, out_ref, out_pt, k=tol.k_out, name="out", **rule)
+    assert_close_by_rule(out, out_ref, (out_pt, out_flash), k=tol.k_out, name="out", **rule)
     for name, g, g_ref, g_pt, g_flash in zip(("dq", "dk", "dv"), grads, grads_ref, grads_pt, grads_flash):
         assert_close_by_rule(g, g_ref, (g_pt, g_flash), k=tol.k_grad, name=name, **rule)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=attention_cases())
+def test_flash_style_yardsticks_compute_the_same_maths(case):
+    """In float64 the fused-kernel-style plain computations equal the softmax reference and its autograd
+    gradients to float64 rounding: they are the same maths rounded another way, never another function."""
+    q, k, v, grad_out = (t.double() for t in case.tensors(torch.float32, torch.device("cpu")))
+    mask = mask_from_cu_seqlens(
+        VarlenMeta.from_lengths(case.lengths).cu_seqlens, causal=case.causal, window=case.window
+    )
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention_ref(*ins, mask, scale=case.scale)
+    grads = torch.autograd.grad(out, ins, grad_out, allow_unused=True)
+    torch.testing.assert_close(attention_ref_flash_out(q, k, v, mask, scale=case.scale), out, rtol=1e-12, atol=1e-12)
+    flash_grads = attention_ref_flash_grads(q, k, v, mask, out, grad_out, scale=case.scale)
+    for got, want in zip(flash_grads, grads):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-10, atol=1e-10)
 
 
 def _small(device, dtype=torch.float32, lengths=(3, 0, 5), n_heads=4, kv_heads=2, head_dim=8):
@@ -179,7 +204,9 @@ def test_torch_backend_casts_fp32(device, compute_dtype):
     # Under fp16 autocast the default compute dtype is autocast's (fp16, not the bf16 default); an explicit
     # compute_dtype still wins.
     with torch.autocast("cuda", dtype=torch.float16):
-        out_auto = varlen_attention(*[t.detach() for t in (q, k, v)], meta, backend="torch", compute_dtype=compute_dtype)
+        out_auto = varlen_attention(
+            *[t.detach() for t in (q, k, v)], meta, backend="torch", compute_dtype=compute_dtype
+        )
     assert out_auto.dtype == torch.float32
     expected = compute_dtype or torch.float16
     by_hand = varlen_attention(*[t.detach().to(expected) for t in (q, k, v)], meta, backend="torch")
@@ -279,9 +306,23 @@ def _fake_registries(draw):
     softcap=st.sampled_from([0.0, 30.0]),
 )
 @example(fakes=_fakes(), device_type="cuda", dtype=torch.bfloat16, dropout_p=0.0, softcap=0.0)
-@example(fakes=_fakes(flash_attn=dict(unavailable="missing")), device_type="cuda", dtype=torch.float16, dropout_p=0.0, softcap=0.0)
-@example(fakes=_fakes(flash_attn=dict(refuses=["dropout_p"])), device_type="cuda", dtype=torch.bfloat16, dropout_p=0.1, softcap=0.0)
-@example(fakes=_fakes(torch=dict(refuses=["softcap"])), device_type="cuda", dtype=torch.bfloat16, dropout_p=0.0, softcap=30.0)
+@example(
+    fakes=_fakes(flash_attn=dict(unavailable="missing")),
+    device_type="cuda",
+    dtype=torch.float16,
+    dropout_p=0.0,
+    softcap=0.0,
+)
+@example(
+    fakes=_fakes(flash_attn=dict(refuses=["dropout_p"])),
+    device_type="cuda",
+    dtype=torch.bfloat16,
+    dropout_p=0.1,
+    softcap=0.0,
+)
+@example(
+    fakes=_fakes(torch=dict(refuses=["softcap"])), device_type="cuda", dtype=torch.bfloat16, dropout_p=0.0, softcap=30.0
+)
 @example(fakes=_fakes(), device_type="cpu", dtype=torch.bfloat16, dropout_p=0.0, softcap=0.0)
 @example(fakes=_fakes(), device_type="cuda", dtype=torch.float32, dropout_p=0.0, softcap=0.0)
 def test_auto_selection_over_a_fake_registry(fakes, device_type, dtype, dropout_p, softcap):
@@ -332,7 +373,18 @@ def test_unknown_backend_lists_names(device):
     assert all(repr(name) in str(err.value) for name in ["auto", *BACKENDS])
 
 
-_ATTENTION_PARAMS = ["q_TNH", "k_TKH", "v_TKH", "meta", "causal", "scale", "dropout_p", "window", "softcap", "compute_dtype"]
+_ATTENTION_PARAMS = [
+    "q_TNH",
+    "k_TKH",
+    "v_TKH",
+    "meta",
+    "causal",
+    "scale",
+    "dropout_p",
+    "window",
+    "softcap",
+    "compute_dtype",
+]
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -341,7 +393,10 @@ def test_every_backend_has_the_interface(name, device):
     backend = BACKENDS[name]
     assert backend.NAME == name
     assert list(inspect.signature(backend.attention).parameters) == _ATTENTION_PARAMS
-    assert backend.unsupported(device=device, dtype=torch.float32, head_dim=8, dropout_p=0.0, window=(-1, -1), softcap=0.0) is None
+    assert (
+        backend.unsupported(device=device, dtype=torch.float32, head_dim=8, dropout_p=0.0, window=(-1, -1), softcap=0.0)
+        is None
+    )
     why = backend.unavailable_reason(device)
     assert (name in available_backends(device)) == (why is None)
     if why is None:

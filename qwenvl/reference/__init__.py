@@ -7,6 +7,7 @@
 from .attention import (
     attention_ref,
     attention_ref_flash_grads,
+    attention_ref_flash_out,
     block_diag_mask,
     mask_from_cu_seqlens,
     mask_from_position_ids,
@@ -16,6 +17,7 @@ from .attention import (
 __all__ = [
     "attention_ref",
     "attention_ref_flash_grads",
+    "attention_ref_flash_out",
     "block_diag_mask",
     "mask_from_cu_seqlens",
     "mask_from_position_ids",

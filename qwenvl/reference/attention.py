@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "attention_ref",
+    "attention_ref_flash_out",
     "attention_ref_flash_grads",
     "mask_from_cu_seqlens",
     "mask_from_segment_ids",
@@ -86,6 +87,51 @@ def attention_ref(
             raise ValueError("attention_ref needs dropout_mask when dropout_p > 0")
         probs_NTT = probs_NTT.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
     return torch.einsum("nqk,knh->qnh", probs_NTT, v_TNH)
+
+
+def attention_ref_flash_out(
+    q_TNH: torch.Tensor,
+    k_TKH: torch.Tensor,
+    v_TKH: torch.Tensor,
+    mask_TT: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The forward computed plainly, in the input dtype, the way fused kernels compute it.
+
+    ``attention_ref`` with ``upcast=False`` takes ``softmax(scale * S)``; FlashAttention-style kernels (and
+    the memory-efficient SDPA kernel) fold the scale into a base-2 exponent and normalise last::
+
+        c = scale * log2(e)            m = rowmax(S)
+        P = exp2(fma(S, c, -(m * c)))  O = (P V) * (1 / rowsum(P))
+
+    Both are plain computations of the same maths, but they round differently: with one key per query
+    (a window of (0, 0), length-1 segments) the softmax is exactly 1 and ``O`` exactly ``V``, while here the
+    fused multiply-add leaves the rounding of ``m * c`` in the exponent, so ``P`` is 1 within an ulp and
+    ``O`` is ``V`` within an ulp or two. The tolerance rule takes the larger error of the two plain
+    computations as its yardstick (``qwenvl.tolerances``). The fused multiply-add is computed exactly:
+    the product of two numbers of the input dtype is exact in float64, rounded once to the input dtype.
+
+    Returns:
+        ``(T, N, H)`` in the input dtype; rows with nothing to attend are exact zeros.
+    """
+    n_heads, kv_heads = q_TNH.shape[1], k_TKH.shape[1]
+    dtype = q_TNH.dtype
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_TNH.shape[-1])
+    q_TNH, k_TKH, v_TKH = q_TNH.detach(), k_TKH.detach(), v_TKH.detach()
+    k_TNH = k_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    v_TNH = v_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
+    mask_TT = mask_TT.to(device=q_TNH.device, dtype=torch.bool)
+    empty_T1 = ~mask_TT.any(dim=-1, keepdim=True)
+    scores_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH).masked_fill(~mask_TT, float("-inf"))
+    max_NT1 = scores_NTT.amax(dim=-1, keepdim=True).masked_fill(empty_T1, 0.0)
+    c = torch.tensor(scale * math.log2(math.e), dtype=dtype, device=q_TNH.device)
+    exponent_NTT = (scores_NTT.double() * c.double() - (max_NT1 * c).double()).to(dtype)
+    probs_NTT = torch.exp2(exponent_NTT).masked_fill(empty_T1, 0.0)
+    inverse_NT1 = 1.0 / probs_NTT.sum(dim=-1, keepdim=True).masked_fill(empty_T1, 1.0)
+    out_NTH = torch.einsum("nqk,knh->nqh", probs_NTT, v_TNH) * inverse_NT1
+    return out_NTH.transpose(0, 1)
 
 
 def attention_ref_flash_grads(
@@ -161,9 +207,7 @@ def _segment_mask_TT(seg_T: torch.Tensor, *, causal: bool, window: tuple[int, in
     return mask_TT
 
 
-def mask_from_cu_seqlens(
-    cu_seqlens: torch.Tensor, *, causal: bool, window: tuple[int, int] = (-1, -1)
-) -> torch.Tensor:
+def mask_from_cu_seqlens(cu_seqlens: torch.Tensor, *, causal: bool, window: tuple[int, int] = (-1, -1)) -> torch.Tensor:
     """int ``(S + 1,)`` cu_seqlens -> bool ``(T, T)`` block-diagonal mask."""
     cu = cu_seqlens.long()
     lengths_S = cu[1:] - cu[:-1]
