@@ -306,6 +306,37 @@ def test_deepstack_adds_by_index_with_the_collators_positions(family, monkeypatc
     assert calls, "without the positions the original deepstack must run"
 
 
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_the_features_gradient_is_gathered_by_index_not_masked_select(family, monkeypatch):
+    """With the collator's positions, ``masked_scatter`` gets the vision features detached (its backward would
+    select their gradient through a boolean mask: a host sync per modality) and the gradient reaches the tower by
+    index at the text model's entry: bit-identical to the original (``test_precomputed_vision_inputs_...``). The
+    model's returned ``image_outputs`` still hold the live features; without the positions, nothing changes."""
+    model, rows = _model_and_rows(family)
+    _preamble_or_skip(model)
+    entries = FAMILIES[family].entry_classes
+    if not any(type(m).__name__ in entries and "language_model" in m._modules for m in model.modules()):
+        pytest.skip(f"{family}: no entry class holds the text model here; masked_scatter's gradient (a sync) stays")
+    seen = []
+    real = torch.Tensor.masked_scatter
+
+    def spy(self, mask, source):
+        seen.append(source.requires_grad)
+        return real(self, mask, source)
+
+    monkeypatch.setattr(torch.Tensor, "masked_scatter", spy)
+    row = next(r for r in rows if r.image_grid_thw is not None)
+    with qwenvl.patch(model, backend="sdpa"):
+        out = model(**row.model_inputs("upstream"), output_hidden_states=False)
+        assert seen and not any(seen), f"masked_scatter got features that require grad: {seen}"
+        pooled = getattr(getattr(out, "image_outputs", None), "pooler_output", None)
+        if pooled is not None:
+            assert all(t.requires_grad for t in pooled), "the returned image_outputs lost their gradient"
+        seen.clear()
+        model(**row.model_inputs("upstream", host=False))
+        assert seen and all(seen), "without the collator's positions masked_scatter must get the live features"
+
+
 def test_a_forward_of_its_own_never_sees_the_last_ones_host_metadata():
     """A VarlenMeta handed to the model directly starts a forward of its own: the placeholder positions and the
     skipped check of the collator's previous row must not apply to it (the same samples in another order would get

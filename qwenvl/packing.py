@@ -151,8 +151,9 @@ HOST_KEY = "qwenvl_host"
 # this key naming it; the collators gather the names into the batch under it, the trainer counts them, and the
 # model entry drops it.
 SKIPPED_KEY = "qwenvl_skipped"
-# The row's vision placeholder positions (int64, ascending), computed by the collator on the host and moved with the
-# batch like any tensor: deepstack's injection indexes with them instead of a boolean mask (a host sync each).
+# The row's vision placeholder positions, int64 (2, V): ascending, and in the features' order (images, then videos),
+# computed by the collator on the host and moved with the batch like any tensor: the vision features go into the text
+# model by index at them instead of through boolean masks (a host sync each; qwenvl.patches._visual).
 VISUAL_KEY = "qwenvl_visual_positions"
 
 

@@ -78,7 +78,8 @@ class VisionPreamble:
     def check_placeholders(self, input_ids_1T: torch.Tensor, grids: dict[str, torch.Tensor]) -> torch.Tensor:
         """That the row holds as many placeholder tokens of each modality as its grids give features, checked on
         the host (transformers checks it on the device, a host sync per modality, and is then spared it); returns
-        the placeholders' flat positions, ascending (where deepstack adds its features)."""
+        the placeholders' flat positions as ``(2, V)``: ascending (where deepstack adds its features), and in the
+        features' order, the images' then the videos' (where their gradient is gathered: ``qwenvl.patches._visual``)."""
         from qwenvl.families import get_family
         from qwenvl.positions import mm_token_type_ids
 
@@ -93,7 +94,9 @@ class VisionPreamble:
             tokens = int((types == kind).sum())
             if tokens != features:
                 raise ValueError(f"a packed row holds {tokens} {modality} placeholder tokens but its {modality} grids give {features} features")
-        return torch.nonzero(types.flatten() > 0).flatten()
+        flat = types.flatten()
+        by_modality = [torch.nonzero(flat == kind).flatten() for kind in (1, 2)]
+        return torch.stack([torch.nonzero(flat > 0).flatten(), torch.cat(by_modality)])
 
     def kwargs(self, modality: str, grid_thw: torch.Tensor) -> tuple[dict, dict[str, tuple[int, ...]]]:
         """The tower's precomputed inputs for ``grid_thw`` (a CPU ``(n, 3)`` grid), named as ``model(**batch)``

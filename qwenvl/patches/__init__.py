@@ -30,7 +30,7 @@ from typing import Iterable
 
 from qwenvl.families import FAMILIES, FamilySpec, UnknownFamilyError, family_of_model, get_family
 from qwenvl.options import PatchOptions
-from qwenvl.patches import _dispatch, _linear
+from qwenvl.patches import _dispatch, _linear, _visual
 from qwenvl.patches._handle import MISSING, PatchRecorder
 from qwenvl.patches._versions import check_transformers_version
 
@@ -201,10 +201,14 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
     for cls_name in spec.entry_classes:
         cls = getattr(module, cls_name)
         recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward, state))
+        # The vision features' way in, by the collator's positions where it sent them (qwenvl.patches._visual).
         if "get_placeholder_mask" in cls.__dict__:  # transformers' own placeholder count check: skipped when checked
-            recorder.setattr(cls, "get_placeholder_mask", _dispatch.placeholder_mask(cls.get_placeholder_mask, state))
-    for cls in _deepstack_classes(module):  # deepstack by index, where the collator sent the positions
-        recorder.setattr(cls, "_deepstack_process", _dispatch.deepstack(cls._deepstack_process, state))
+            recorder.setattr(cls, "get_placeholder_mask", _visual.placeholder_mask(cls.get_placeholder_mask, state))
+        for name in ("get_image_features", "get_video_features"):
+            if name in cls.__dict__:
+                recorder.setattr(cls, name, _visual.features(getattr(cls, name), state))
+    for cls in _deepstack_classes(module):
+        recorder.setattr(cls, "_deepstack_process", _visual.deepstack(cls._deepstack_process, state))
     for name in spec.mask_builders:
         recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
     recorder.setattr(

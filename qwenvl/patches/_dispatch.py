@@ -36,8 +36,6 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 
 __all__ = [
     "PatchState",
-    "placeholder_mask",
-    "deepstack",
     "entry_forward",
     "packed_meta_from_inputs",
     "mask_builder",
@@ -63,12 +61,21 @@ class PatchState:
     # This forward's vision placeholder positions on the device (the collator's VISUAL_KEY), or None: deepstack
     # then adds its features by index (``deepstack``) instead of through a boolean mask.
     visual_index: torch.Tensor | None = None
-    # The VarlenMeta of the forward the two fields above belong to (set by the model entry that built it).
+    # The same positions in the features' order (images, then videos): the vision features' gradient is gathered
+    # there (``qwenvl.patches._visual``).
+    modality_index: torch.Tensor | None = None
+    # The VarlenMeta of the forward the fields above belong to (set by the model entry that built it).
     owner: VarlenMeta | None = None
+    # Inside XModel.forward with the positions: get_*_features detach what they return, and the live features
+    # (the output object, its live pooler_output) wait here for the text model's entry.
+    reattach_open: bool = False
+    in_features: bool = False
+    reattached: bool = False
+    pending: list = field(default_factory=list)
 
     def forget(self) -> None:
         """A new forward: nothing of the last one's host metadata applies."""
-        self.placeholders_checked, self.visual_index, self.owner = False, None, None
+        self.placeholders_checked, self.visual_index, self.modality_index, self.owner = False, None, None, None
 
     def vision_meta(self, cu_seqlens: torch.Tensor) -> VarlenMeta:
         for cached, meta in self._vision_cache:
@@ -106,45 +113,6 @@ def mask_builder(original: Callable) -> Callable:
 
     setattr(build, _WRAPPED, original)
     return build
-
-
-def placeholder_mask(original: Callable, state: PatchState) -> Callable:
-    """Wrap an entry class's ``get_placeholder_mask``: when the collator checked this forward's placeholder counts on
-    the host, the original runs without the features (``*_features=None``), which gives the same masks and skips
-    its own count check: an f-string formatting a device count and the check itself, a host sync each."""
-    signature = inspect.signature(original)
-    features = [name for name in signature.parameters if name.endswith("_features")]
-
-    @functools.wraps(original)
-    def get_placeholder_mask(*args, **kwargs):
-        if state.placeholders_checked:
-            bound = signature.bind(*args, **kwargs)
-            for name in features:
-                if name in bound.arguments:
-                    bound.arguments[name] = None
-            return original(*bound.args, **bound.kwargs)
-        return original(*args, **kwargs)
-
-    setattr(get_placeholder_mask, _WRAPPED, original)
-    return get_placeholder_mask
-
-
-def deepstack(original: Callable, state: PatchState) -> Callable:
-    """Wrap a text model's ``_deepstack_process``: with this forward's placeholder positions from the collator, the
-    visual features are added with ``index_add`` at those positions, the same additions as the original's
-    ``h[mask] + features`` written back to ``h[mask]`` (which syncs twice, and again in the backward)."""
-
-    @functools.wraps(original)
-    def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
-        index = state.visual_index
-        if index is None or hidden_states.shape[0] != 1 or index.numel() != visual_embeds.shape[0]:
-            return original(self, hidden_states, visual_pos_masks, visual_embeds)
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        added = flat.index_add(0, index.to(flat.device), visual_embeds.to(flat.device, flat.dtype))
-        return added.view_as(hidden_states)
-
-    setattr(_deepstack_process, _WRAPPED, original)
-    return _deepstack_process
 
 
 def _router_mask(meta: VarlenMeta, device) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ import torch
 
 from qwenvl.packing import HOST_KEY, SKIPPED_KEY, VISUAL_KEY, HostMeta, VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
+from qwenvl.patches._visual import reattaching
 
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
@@ -202,8 +203,8 @@ def packed_meta_from_inputs(kwargs: dict[str, Any], state: PatchState | None = N
     _use_host(kwargs, host, state, device)
     if state is not None:
         state.owner = meta
-        if host is not None:
-            state.visual_index = visual
+        if host is not None and visual is not None:
+            state.visual_index, state.modality_index = visual[0], visual[1]
     return meta
 
 
@@ -264,7 +265,8 @@ def entry_forward(original: Callable, state: PatchState | None = None) -> Callab
             raise TypeError(f"{type(self).__name__}.forward got {len(args)} positional arguments")
         kwargs.update(zip(names, args))
         packed_meta_from_inputs(kwargs, state)
-        return original(self, **kwargs)
+        with reattaching(self, state):
+            return original(self, **kwargs)
 
     setattr(forward, _WRAPPED, original)
     return forward

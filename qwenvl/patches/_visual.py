@@ -1,0 +1,172 @@
+"""The vision features' way into the text model, without a host sync (the collator's placeholder positions).
+
+transformers puts the vision features into the text embeddings with boolean masks::
+
+    image_mask = get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)   # checks the count: syncs
+    inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)   # backward: masked_select -> syncs
+    hidden[visual_pos_masks] += deepstack_embeds                              # Qwen3-VL's deepstack: syncs
+
+A data-dependent size is what syncs. The collator knows every placeholder's position on the host
+(``qwenvl.packing.VISUAL_KEY``, checked against the grids there), so with it:
+
+    get_placeholder_mask   runs without the features: the same masks, no count check (``placeholder_mask``)
+    get_*_features         hand the model their features detached (``features``), so ``masked_scatter``
+                           puts the same values in place and has no source gradient to select; the live
+                           features wait in the ``PatchState``
+    text model entry       ``_Reattach``: the embeddings unchanged, and in the backward the gradient at the
+                           placeholder positions, gathered by index, goes to the live features (``reattaching``)
+    _deepstack_process     adds by index at the same positions (``deepstack``)
+
+Values and gradients are bit-identical to the original (``parity_tests/test_host_meta.py``). A release whose
+``get_*_features`` return no ``pooler_output`` (4.57) keeps its ``masked_scatter`` gradient, sync included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from qwenvl.patches._handle import WRAPPED as _WRAPPED
+
+if TYPE_CHECKING:
+    from qwenvl.patches._dispatch import PatchState
+
+__all__ = ["placeholder_mask", "deepstack", "features", "reattaching"]
+
+
+def placeholder_mask(original: Callable, state: PatchState) -> Callable:
+    """Wrap an entry class's ``get_placeholder_mask``: when the collator checked this forward's placeholder counts on
+    the host, the original runs without the features (``*_features=None``), which gives the same masks and skips
+    its own count check: an f-string formatting a device count and the check itself, a host sync each."""
+    signature = inspect.signature(original)
+    names = [name for name in signature.parameters if name.endswith("_features")]
+
+    @functools.wraps(original)
+    def get_placeholder_mask(*args, **kwargs):
+        if state.placeholders_checked:
+            bound = signature.bind(*args, **kwargs)
+            for name in names:
+                if name in bound.arguments:
+                    bound.arguments[name] = None
+            return original(*bound.args, **bound.kwargs)
+        return original(*args, **kwargs)
+
+    setattr(get_placeholder_mask, _WRAPPED, original)
+    return get_placeholder_mask
+
+
+def deepstack(original: Callable, state: PatchState) -> Callable:
+    """Wrap a text model's ``_deepstack_process``: with this forward's placeholder positions from the collator, the
+    visual features are added with ``index_add`` at those positions, the same additions as the original's
+    ``h[mask] + features`` written back to ``h[mask]`` (which syncs twice, and again in the backward)."""
+
+    @functools.wraps(original)
+    def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+        index = state.visual_index
+        if index is None or hidden_states.shape[0] != 1 or index.numel() != visual_embeds.shape[0]:
+            return original(self, hidden_states, visual_pos_masks, visual_embeds)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        added = flat.index_add(0, index.to(flat.device), visual_embeds.to(flat.device, flat.dtype))
+        return added.view_as(hidden_states)
+
+    setattr(_deepstack_process, _WRAPPED, original)
+    return _deepstack_process
+
+
+def features(original: Callable, state: PatchState) -> Callable:
+    """Wrap an entry class's ``get_image_features`` / ``get_video_features``: inside a forward that reattaches
+    (``reattaching``), the returned ``pooler_output`` is detached and its live tensors kept for the text model
+    entry. Nested calls (Qwen3-VL's video features call its image features) act once, at the outermost."""
+
+    @functools.wraps(original)
+    def get_features(*args, **kwargs):
+        if not state.reattach_open or state.in_features:
+            return original(*args, **kwargs)
+        state.in_features = True
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            state.in_features = False
+        live = getattr(out, "pooler_output", None)
+        if isinstance(live, torch.Tensor):
+            out.pooler_output = live.detach()
+        elif isinstance(live, (tuple, list)) and live and all(isinstance(t, torch.Tensor) for t in live):
+            out.pooler_output = type(live)(t.detach() for t in live)
+        else:
+            return out  # not the 5.x output: the original masked_scatter gradient, as unpatched
+        state.pending.append((out, live))
+        return out
+
+    setattr(get_features, _WRAPPED, original)
+    return get_features
+
+
+class _Reattach(torch.autograd.Function):
+    """Forward: the embeddings, unchanged. Backward: their gradient passes on, and its rows at the placeholder
+    positions (``index``, the features' order) go to the features, as ``masked_scatter``'s backward would send them
+    (by a boolean ``masked_select``, which syncs)."""
+
+    @staticmethod
+    def forward(ctx, embeds_BLD: torch.Tensor, index_V: torch.Tensor, features_VD: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index_V)
+        ctx.features_dtype = features_VD.dtype
+        return embeds_BLD.clone()
+
+    @staticmethod
+    def backward(ctx, grad_BLD: torch.Tensor):
+        (index_V,) = ctx.saved_tensors
+        grad_VD = grad_BLD.reshape(-1, grad_BLD.shape[-1]).index_select(0, index_V)
+        return grad_BLD, None, grad_VD.to(ctx.features_dtype)
+
+
+def _flat(live) -> torch.Tensor:
+    return live if isinstance(live, torch.Tensor) else torch.cat(list(live), dim=0)
+
+
+def _reattach_hook(state: PatchState):
+    def hook(module, args, kwargs):
+        if not state.pending or state.reattached:
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        index = state.modality_index
+        live = torch.cat([_flat(live) for _, live in state.pending], dim=0)
+        if not isinstance(embeds, torch.Tensor) or index is None or index.numel() != live.shape[0]:
+            got = "no inputs_embeds" if not isinstance(embeds, torch.Tensor) else f"{live.shape[0]} feature rows"
+            raise RuntimeError(
+                f"qwenvl: the vision features cannot be reattached to {type(module).__name__} ({got}, "
+                f"{0 if index is None else index.numel()} placeholder positions); nothing was trained on this batch"
+            )
+        state.reattached = True
+        kwargs["inputs_embeds"] = _Reattach.apply(embeds, index.to(embeds.device), live)
+        return args, kwargs
+
+    return hook
+
+
+@contextlib.contextmanager
+def reattaching(model, state: PatchState | None) -> Iterator[None]:
+    """Around ``XModel.forward`` (the class holding the ``language_model`` submodule): with the collator's positions,
+    the features are detached where transformers scatters them and reattached at the text model's entry."""
+    text = None if state is None else model._modules.get("language_model")
+    if text is None or state.modality_index is None or state.reattach_open:
+        yield
+        return
+    state.reattach_open, state.reattached = True, False
+    handle = text.register_forward_pre_hook(_reattach_hook(state), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        state.reattach_open = False
+        pending, state.pending = state.pending, []
+        for out, live in pending:  # the returned outputs hold the live features again, as unpatched
+            out.pooler_output = live
+    if pending and not state.reattached:
+        raise RuntimeError(
+            f"qwenvl: {type(model).__name__}.forward never handed its vision features to the text model; their "
+            "gradient would be lost. Run it unpatched, or without qwenvl_visual_positions in the batch"
+        )
