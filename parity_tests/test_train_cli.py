@@ -147,6 +147,9 @@ def test_a_sample_that_fails_to_decode_in_training_is_skipped_and_counted(tmp_pa
         (["--per-device-train-batch-size", "4"], "with packing a batch is one packed row"),
         (["--linear_backend", "nope"], "--linear_backend 'nope' is not one of auto, segments, batched, torch, fla"),
         (["--compile", "True", "--torch_compile", "True"], "--compile and --torch_compile both compile"),
+        (["--streaming", "True"], "--streaming needs --max_steps: a stream has no length"),
+        (["--streaming", "True", "--max_steps", "2", "--packing", "False"], "--streaming packs rows online"),
+        (["--streaming", "True", "--max_steps", "2", "--stream_buffer", "1"], "--stream_buffer must hold at least 2"),
     ],
 )
 def test_bad_options_are_refused_up_front(tmp_path, capsys, args, message):
@@ -171,3 +174,57 @@ def test_bad_data_files_are_one_line(tmp_path, capsys):
     assert f"{bad}: not valid JSON" in capsys.readouterr().err
     assert qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--data_path", f"{bad}%x"]) == 2
     assert "sampling ratio after % must be a number" in capsys.readouterr().err
+
+
+def _shard_folder(tmp_path):
+    """The demo's image rows as two JSONL shards and a webdataset-style tar shard (<key>.json + <key>.png)."""
+    import io
+    import tarfile
+
+    rows = [r for r in json.loads(demo_data_path().read_text()) if "video" not in r and not isinstance(r.get("image"), list)]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for r in rows:
+        if "image" in r:
+            r["image"] = str(demo_data_path().parent / r["image"])
+    for s in range(2):
+        (folder / f"{s}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[s::3]))
+    with tarfile.open(folder / "2.tar", "w") as tar:
+        for i, r in enumerate(rows[2::3]):
+            image = r.pop("image", None)
+            members = {"json": json.dumps({**r, **({"image": "png"} if image else {})}).encode()}
+            if image:
+                members["png"] = open(image, "rb").read()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"row{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_streaming_trains_saves_the_position_and_resumes(tmp_path, capsys):
+    """qwenvl train --streaming on a folder of shards: each checkpoint holds the stream's position, the run resumed
+    from one goes on (it saves only the later checkpoint), and the summary gives the fill ratio."""
+    folder = _shard_folder(tmp_path)
+    common = ["--streaming", "True", "--data_path", str(folder), "--max_steps", "2", "--save_steps", "1"]
+    assert _train(tmp_path, "whole", *common)[0] == 0
+    assert "fill ratio" in capsys.readouterr().out
+    state = json.loads((tmp_path / "whole" / "checkpoint-1" / "qwenvl_stream_rank0.json").read_text())
+    assert state["shards"] == [str(folder / name) for name in ("0.jsonl", "1.jsonl", "2.tar")] and state["streams"]
+    resume = ["--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-1")]
+    code, trainer_state = _train(tmp_path, "resumed", *common, *resume)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert [e["step"] for e in trainer_state["log_history"] if "loss" in e] == [1, 2]  # step 1 from the checkpoint
+    assert all("fill_ratio" in e for e in trainer_state["log_history"] if "loss" in e)
+
+
+def test_a_streamed_data_path_without_streaming_is_refused(tmp_path, capsys):
+    folder = _shard_folder(tmp_path)
+    for path in (str(folder), str(folder / "*.jsonl"), str(folder / "2.tar")):
+        assert qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--data_path", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "read as a stream: add --streaming" in err[0], err
+    assert qwenvl_main(["train", "--output_dir", str(tmp_path / "o"), "--streaming", "True", "--max_steps", "1",
+                        "--data_path", str(folder / "nothing-*.jsonl")]) == 2
+    assert "the pattern matches no file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,8 @@
     qwenvl train --model_name_or_path Qwen/... --data_path train.json --output_dir out --bf16 \\
         --mm_projector_lr 1e-5 --vision_tower_lr 2e-6 --model_max_length 8192
 
+    qwenvl train --streaming True --data_path 'shards/*.tar' --max_steps 10000 --output_dir out   # a stream
+
     torchrun --nproc_per_node 2 -m qwenvl.cli train --output_dir out ...           # DDP
     accelerate launch --config_file examples/accelerate_fsdp2.yaml -m qwenvl.cli train --output_dir out ...
 
@@ -32,6 +34,7 @@ from typing import Optional
 
 from qwenvl.options import InvalidOption, PatchOptions, current_names
 from qwenvl.packing import CONVENTIONS
+from qwenvl.train.streaming import streaming_problem, streaming_rows
 
 __all__ = ["ModelArguments", "DataArguments", "main", "run"]
 
@@ -82,6 +85,17 @@ class DataArguments:
             "help": "Pad each packed row with a segment no loss sees to a multiple of this many tokens (e.g. 256): "
             "rows take few distinct lengths, so --compile and fla's kernels compile a bounded number of times."
         },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read --data_path as a stream of shards (.jsonl, .json, .parquet, webdataset-style .tar files; "
+            "folders and glob patterns), packed online: shard i is read on rank i %% world, rows are checked and "
+            "decoded as they come, and a resumed run goes on exactly where its checkpoint was saved. Needs --max_steps."
+        },
+    )
+    stream_buffer: int = field(
+        default=1024, metadata={"help": "Samples the online packer holds before it packs them (--streaming)."}
     )
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip bad rows (counted) instead of stopping."})
     truncate: bool = field(default=True, metadata={"help": "Cut over-long samples in text after their last image/video."})
@@ -185,6 +199,8 @@ def _check_args(model_args: ModelArguments, options: PatchOptions, data_args: Da
         )
     if data_args.packing and getattr(training_args, "group_by_length", False):  # gone in transformers 5
         raise Refused("--group_by_length groups padded batches; packing already puts samples of similar length in rows")
+    if (problem := streaming_problem(data_args, training_args)) is not None:
+        raise Refused(problem)
 
 
 def run(
@@ -207,7 +223,12 @@ def run(
     data_path = data_args.data_path or _default_data_path()
     # What can be checked without the model, before it loads: its config, and every row's structure and media.
     model_class = _model_class(model_path)
-    check_rows(data_path, seed=training_args.seed, skip_bad_samples=data_args.skip_bad_samples)
+    if data_args.streaming:  # the files are found and listed now; their rows are checked as they are read
+        from qwenvl.data.shards import open_shards
+
+        open_shards(data_path)
+    else:
+        check_rows(data_path, seed=training_args.seed, skip_bad_samples=data_args.skip_bad_samples)
     processor = load_processor(model_path)
     model = _load_model(model_class, model_path, model_args)
     if training_args.gradient_checkpointing:
@@ -215,12 +236,18 @@ def run(
     # Our collators build exactly the model's inputs; the Trainer's column filter would only get in the way.
     training_args.remove_unused_columns = False
 
-    dataset = _dataset(data_path, processor, model, data_args, training_args)
-    train_dataset, collator, summary = _rows(dataset, processor, data_args, training_args)
+    if data_args.streaming:
+        skip_bad = _skip_bad(processor, data_args)
+        train_dataset, collator, summary = streaming_rows(data_path, processor, model, data_args, training_args, skip_bad)
+    else:
+        dataset = _dataset(data_path, processor, model, data_args, training_args)
+        train_dataset, collator, summary = _rows(dataset, processor, data_args, training_args)
     callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
     trainer, result = _train(model, train_dataset, collator, training_args, options=options, callbacks=callbacks)
     if trainer.is_world_process_zero():
         save_processor(processor, model_path, training_args.output_dir)
+    if data_args.streaming:
+        summary.update(data=train_dataset.summary(), fill_ratio=train_dataset.fill_ratio, skipped=train_dataset.skipped_rows)
     summary["skipped_in_training"] = trainer.skipped_in_training
     if trainer.skipped_in_training:
         logger.warning("qwenvl train: %d samples failed to decode in training and were skipped", trainer.skipped_in_training)
@@ -240,16 +267,22 @@ def _load_model(model_class, model_path: str, model_args: ModelArguments):
     return model
 
 
+def _skip_bad(processor, data_args: DataArguments) -> bool:
+    """``--skip_bad_samples``, turned on for the demo data where videos cannot load (its video rows are skipped)."""
+    from qwenvl.data.processor import videos_available
+
+    if data_args.data_path is None and not videos_available(processor):
+        logger.warning("qwenvl train: torchvision is not installed: the demo's video rows are skipped")
+        return True
+    return data_args.skip_bad_samples
+
+
 def _dataset(data_path: str, processor, model, data_args: DataArguments, training_args):
     """The checked samples (``SupervisedDataset``); the demo's video rows are skipped where videos cannot load."""
     from qwenvl.data import SupervisedDataset
-    from qwenvl.data.processor import videos_available
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    skip_bad = data_args.skip_bad_samples
-    if data_args.data_path is None and not videos_available(processor):
-        logger.warning("qwenvl train: torchvision is not installed: the demo's video rows are skipped")
-        skip_bad = True
+    skip_bad = _skip_bad(processor, data_args)
     return SupervisedDataset(
         data_path,
         processor,
