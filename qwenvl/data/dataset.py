@@ -18,10 +18,11 @@ readable, tag counts matching the media, a well-formed conversation with an assi
 ``skip_bad_samples=True`` is left out and counted in ``summary()``.
 
 An image row's length comes from its templated text and its images' header sizes (``qwenvl.data.lengths``),
-without decoding a pixel; images are decoded and processed when the row is read (``__getitem__``, in the
-DataLoader's workers), where a file that fails to decode stops the run naming the file and the row. Rows with
-videos, and every row where the processor's length rule does not match the processor, are processed in full
-up front.
+a video row's from its containers' headers (``qwenvl.data.video_lengths``), without decoding a pixel; media are
+decoded and processed when the row is read (``__getitem__``, in the DataLoader's workers), where a file that fails
+to decode stops the run naming the file and the row. Rows with both images and videos, and every row where the
+processor's length rule does not match the processor, are processed in full up front. The rows themselves stay
+on disk (``qwenvl.data.row_index``): per row the dataset keeps a few numbers in arrays.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from qwenvl.data.length_cache import BAD, CUT, OK, length_cache_key, load_lengths, save_lengths
 from qwenvl.data.lengths import template_ids, probe_length_rule
 from qwenvl.data.media import image_size, load_video, open_image
+from qwenvl.data.video_lengths import NoFrameCount, container_metadata, probe_video_rule
 from qwenvl.data.processor import VideosUnavailable, videos_available
 from qwenvl.data.replies import Replies
 from qwenvl.data.row_index import AdmittedRows, Ints, RowIndex, check_rows, index_files, read_rows
@@ -108,7 +110,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.truncate = truncate
         self.skip_bad_samples = skip_bad_samples
         self._replies = Replies(processor)
-        self._rule = None
+        self._rule = self._video_rule = None
+        self._video_probed = not header_lengths  # probed at the first video row
         self.length_cache_path = None
         key = self._cache_key(data_path, seed, header_lengths) if length_cache else None
         cached = load_lengths(key) if key else None
@@ -181,7 +184,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         status[i], problems[i] = BAD, exc.problem
                         continue
                     videos[i] = bool(row.videos)
-                    (by_header if self._rule is not None and not row.videos else processed).append((i, row))
+                    (by_header if self._by_header(row) else processed).append((i, row))
                 # anything else a row can trip (the template, the processor, the positions) is still named
                 done = list(pool.map(lambda pair: _named(pair[1], self._admit, pair[1]), processed)) if processed else []
                 # The header pass is Python-bound (a template render, a few list walks, a 100-byte header read a
@@ -196,14 +199,30 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         status[i] = CUT if truncated else OK
         return {"status": status, "lengths": lengths, "videos": videos}, problems
 
+    def _by_header(self, row: _Row) -> bool:
+        """Whether the row's length comes from headers: image rows by the image rule, video rows (without images)
+        by the video rule (``qwenvl.data.video_lengths``, probed at the first video row)."""
+        if not row.videos:
+            return self._rule is not None
+        if not self._video_probed:
+            self._video_probed = True
+            if videos_available(self.processor):  # else every video row is refused by name when processed
+                self._video_rule, why = probe_video_rule(self.processor)
+                if self._video_rule is None:
+                    logger.info("video rows are processed in full to learn their lengths: %s", why)
+        return self._video_rule is not None and not row.images
+
     def _admit_by_header_chunk(self, rows: list[_Row]) -> list:
+        texts, ids = [None] * len(rows), [None] * len(rows)
         try:
             texts = self.processor.apply_chat_template([r.messages for r in rows], tokenize=False, add_generation_prompt=False)
             tokenizer = getattr(self.processor, "tokenizer", self.processor)
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            plain = [i for i, row in enumerate(rows) if not row.videos]  # a video row's text is expanded first
+            for i, row_ids in zip(plain, tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"]):
+                ids[i] = row_ids
         except Exception:  # one row's template failed the chunk: each row on its own says which
-            ids = [None] * len(rows)
-        return [_named(row, self._admit_by_header, row, row_ids) for row, row_ids in zip(rows, ids)]
+            texts, ids = [None] * len(rows), [None] * len(rows)
+        return [_named(row, self._admit_by_header, row, row_ids, text) for row, row_ids, text in zip(rows, ids, texts)]
 
     def _admit(self, row: _Row) -> tuple[_Row, int, bool]:
         """A row the length rule does not cover (videos, or no rule here): processed in full to learn its length."""
@@ -253,11 +272,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item[SKIPPED_KEY] = f"{exc.ref}: {exc.problem}"
         return item
 
-    def _admit_by_header(self, row: _Row, ids: list[int] | None = None) -> tuple[_Row, int, bool]:
+    def _admit_by_header(self, row: _Row, ids: list[int] | None = None, text: str | None = None) -> tuple[_Row, int, bool]:
         """The row's length from its templated text (``ids``: its tokens, if already computed) and its images'
-        header sizes (``qwenvl.data.lengths``), with the same checks and the same cut as processing it would
-        give; nothing is decoded."""
+        header sizes (``qwenvl.data.lengths``) or its videos' (``qwenvl.data.video_lengths``), with the same checks
+        and the same cut as processing it would give; nothing is decoded."""
         self._replies.check_text(row)
+        if row.videos:
+            return self._admit_video_by_header(row, text)
         if ids is None:
             ids = template_ids(self.processor, row.messages)
         sizes = [image_size(row.ref, path) for path in row.images]
@@ -266,6 +287,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except ValueError:  # the template placed the images otherwise: let the processor say
             item, truncated = self._process(row)
             return row, int(item["input_ids"].numel()), truncated
+        return self._judged(row, ids, positions, length, last_vision)
+
+    def _admit_video_by_header(self, row: _Row, text: str | None) -> tuple[_Row, int, bool]:
+        """A video row (no images): its text expanded as the processor expands it, from each container's header."""
+        try:
+            metadata = [container_metadata(row.ref, path) for path in row.videos]
+        except NoFrameCount:  # nothing to count by: let the processor say
+            item, truncated = self._process(row)
+            return row, int(item["input_ids"].numel()), truncated
+        if text is None:
+            text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        ids = tokenizer(self._video_rule.expand(text, metadata), add_special_tokens=False)["input_ids"]
+        vision = _vision_token_ids(self.model)
+        last_vision = max((j for j, token in enumerate(ids) if token in vision), default=-1)
+        return self._judged(row, ids, range(len(ids)), len(ids), last_vision)
+
+    def _judged(self, row: _Row, ids, positions, length: int, last_vision: int) -> tuple[_Row, int, bool]:
+        """The row kept whole, cut in text, or refused, from its template ``ids``, each one's processed position,
+        its processed length and the last position of a vision-span token."""
         replies = self._replies.spans(row, ids)
         limit = self.model_max_length
         if length <= limit:
@@ -322,13 +363,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise BadSampleError(row.ref, f"{input_ids.numel()} tokens, more than model_max_length {limit}")
         # Every token of the family's vision spans (FamilySpec.tokens: GLM-4V's <begin_of_image> / <end_of_image>
         # and its video wrapper included), so a cut never lands between a placeholder and its span's end.
-        from qwenvl.families import family_of_model
-
-        vision = torch.zeros_like(input_ids, dtype=torch.bool)
-        for name in family_of_model(self.model).tokens.keys():
-            token = getattr(self.model.config, name, None)
-            if token is not None:
-                vision |= input_ids == token
+        vision = torch.isin(input_ids, torch.tensor(sorted(_vision_token_ids(self.model)), dtype=input_ids.dtype))
         last_vision = int(torch.nonzero(vision).max()) if vision.any() else -1
         if last_vision >= limit:
             raise BadSampleError(
@@ -344,6 +379,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 # Rows per batched template render and tokenizer call in the length pass.
 _HEADER_CHUNK = 512
+
+
+def _vision_token_ids(model) -> frozenset[int]:
+    """Every token of the family's vision spans (``FamilySpec.tokens``), as the cut judges them."""
+    from qwenvl.families import family_of_model
+
+    config = model.config
+    return frozenset(t for name in family_of_model(model).tokens.keys() if (t := getattr(config, name, None)) is not None)
 
 
 def _named(row: _Row, admit, *args):

@@ -9,8 +9,8 @@ The processor expands each image placeholder of the templated text into one toke
 ``n_i`` comes from the processor itself (``_get_num_multimodal_tokens``: ``smart_resize`` with the processor's
 patch, merge and min/max pixels), never from a copy of its rule. A release whose helper disagrees with its own
 processor (transformers 4.57's GLM-4V) is caught by :func:`probe_length_rule`, which processes a few probe
-images of awkward sizes for real once, and the dataset then processes every row instead. Videos are always
-processed (their token count depends on frame sampling and, for Qwen3-VL, timestamp text).
+images of awkward sizes for real once, and the dataset then processes every row instead. Videos have their own
+rule (frame sampling and, for Qwen3-VL and GLM-4V, timestamp text): ``qwenvl.data.video_lengths``.
 """
 
 from __future__ import annotations

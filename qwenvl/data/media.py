@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qwenvl.data.rows import BadSampleError, RowRef
 
-__all__ = ["image_size", "open_image", "load_video"]
+__all__ = ["image_size", "open_image", "load_video", "video_backend"]
 
 
 def image_size(ref: RowRef, path: Path) -> tuple[int, int]:
@@ -36,12 +36,17 @@ def open_image(ref: RowRef, path: Path):
 _VIDEO_DECODERS = (("torchcodec", "torchcodec"), ("pyav", "av"), ("decord", "decord"), ("opencv", "cv2"))
 
 
+def video_backend() -> str | None:
+    """The decoder ``load_video`` uses here: the first of ``_VIDEO_DECODERS`` installed, or ``None``."""
+    return next((name for name, module in _VIDEO_DECODERS if importlib.util.find_spec(module) is not None), None)
+
+
 def load_video(ref: RowRef, path: Path):
     """All frames of a video file and its metadata, through transformers' ``load_video``; the processor
     samples frames by its own config, exactly as with a path."""
     from transformers.video_utils import load_video as decode
 
-    backend = next((name for name, module in _VIDEO_DECODERS if importlib.util.find_spec(module) is not None), None)
+    backend = video_backend()
     if backend is None:
         raise BadSampleError(
             ref, f"video file {path} cannot be decoded: no video decoder is installed (pip install av, or torchcodec)"
