@@ -8,7 +8,12 @@ plus a rounding floor::
     floor = 2 * max|((out_ref.to(dtype) + 0.3) - 0.3) - out_ref|
 
 The yardstick ``out_pt`` is every plain same-dtype computation of the same maths, and the rule takes the
-largest of their errors. For attention gradients there are two: autograd through the plain softmax, and
+largest of their errors. For the attention output there are two: the plain softmax, and the fused kernels' way
+done plainly (``qwenvl.reference.attention_ref_flash_out``: the scale folded into a base-2 exponent with a fused
+multiply-add, normalised last). With one key per query the plain softmax is exactly 1 and its output exactly V,
+a yardstick of 0, while the fused way leaves the rounding of ``max * scale * log2(e)`` in the exponent and V
+within an ulp or two: on an H100 the float32 memory-efficient SDPA kernel was 2 ulps off on such a draw (a
+window of (0, 0)), over a bound of the floor alone. For attention gradients there are two as well: autograd through the plain softmax, and
 FlashAttention's own backward done plainly (``qwenvl.reference.attention_ref_flash_grads``: probabilities
 recomputed from the log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``). They round differently, and which one
 is more accurate depends on the draw: with one key per query (a window of (0, 0), length-1 segments)

@@ -80,11 +80,12 @@ def deepstack(original: Callable, state: PatchState) -> Callable:
 def features(original: Callable, state: PatchState) -> Callable:
     """Wrap an entry class's ``get_image_features`` / ``get_video_features``: inside a forward that reattaches
     (``reattaching``), the returned ``pooler_output`` is detached and its live tensors kept for the text model
-    entry. Nested calls (Qwen3-VL's video features call its image features) act once, at the outermost."""
+    entry. Nested calls (Qwen3-VL's video features call its image features) act once, at the outermost; calls
+    from the text model's entry on (``qwenvl.train.distributed``'s dummy vision pass) keep their gradient."""
 
     @functools.wraps(original)
     def get_features(*args, **kwargs):
-        if not state.reattach_open or state.in_features:
+        if not state.reattach_open or state.in_features or state.reattached:
             return original(*args, **kwargs)
         state.in_features = True
         try:
@@ -129,7 +130,10 @@ def _flat(live) -> torch.Tensor:
 
 def _reattach_hook(state: PatchState):
     def hook(module, args, kwargs):
-        if not state.pending or state.reattached:
+        if state.reattached:
+            return None
+        state.reattached = True  # the text model's entry: features computed from here on (a dummy pass) stay live
+        if not state.pending:
             return None
         embeds = kwargs.get("inputs_embeds")
         index = state.modality_index
@@ -140,7 +144,6 @@ def _reattach_hook(state: PatchState):
                 f"qwenvl: the vision features cannot be reattached to {type(module).__name__} ({got}, "
                 f"{0 if index is None else index.numel()} placeholder positions); nothing was trained on this batch"
             )
-        state.reattached = True
         kwargs["inputs_embeds"] = _Reattach.apply(embeds, index.to(embeds.device), live)
         return args, kwargs
 
@@ -156,7 +159,7 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
         yield
         return
     state.reattach_open, state.reattached = True, False
-    handle = text.register_forward_pre_hook(_reattach_hook(state), with_kwargs=True)
+    handle = text.register_forward_pre_hook(_reattach_hook(state), with_kwargs=True, prepend=True)
     try:
         yield
     finally:
