@@ -72,6 +72,23 @@ def test_compile_is_reverted_with_the_patch():
         torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("qwen2_vl")(input_ids=ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_the_tower_is_compiled_around_its_blocks_too(family):
+    """The patch embedding, the merger (GLM-4V: and its downsample conv) and the deepstack mergers are regions
+    as well as the blocks: what runs before and after the blocks is compiled too."""
+    from qwenvl.families import FAMILIES
+
+    spec = FAMILIES[family]
+    model = tiny_model(family)
+    tower = getattr(model.model, spec.vision_tower)
+    wanted = [tower.patch_embed, *(getattr(tower, p) for p in spec.projectors)]
+    wanted += list(getattr(tower, spec.deepstack_mergers)) if spec.deepstack_mergers else []
+    with qwenvl.patch(model, compile=True):
+        missing = [type(m).__name__ for m in wanted if "forward" not in m.__dict__]
+        assert not missing, f"not compiled: {missing}"
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_compile_needs_a_model():
     with pytest.raises(ValueError, match=r"compile=True compiles a model's layers: pass the model"):
         qwenvl.patch(compile=True)

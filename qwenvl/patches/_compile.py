@@ -5,7 +5,8 @@ breaks graphs and recompiles; one decoder layer or vision block is a fixed seque
 one attention call, the same for every layer, so it compiles once and the many small elementwise ops fuse.
 
 The regions are the model's ``_no_split_modules`` classes (transformers lists exactly the decoder layer and the
-vision block there). A layer holding a linear-attention mixer (Qwen3.5's Gated DeltaNet) is left eager: its
+vision block there) and the rest of the vision tower's own modules around its blocks: the patch embedding, the
+merger and the deepstack mergers (the family's ``projectors`` and ``deepstack_mergers``). A layer holding a linear-attention mixer (Qwen3.5's Gated DeltaNet) is left eager: its
 per-sample path loops over the boundaries. Every region's ``forward`` becomes::
 
     mark the packed token dimension of its tensor inputs dynamic  ->  torch.compile(original forward)
@@ -36,7 +37,23 @@ def compile_stats() -> dict[str, int]:
     )
 
 
-def _regions(model, linear_class: str | None) -> list[torch.nn.Module]:
+def _tower_regions(model, spec) -> list[torch.nn.Module]:
+    """The vision tower's patch embedding and mergers (its preamble's and coda's matmuls and norms)."""
+    if spec is None:
+        return []
+    towers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == spec.vision_tower]
+    regions = []
+    for tower in towers:
+        for name in ("patch_embed", *spec.projectors):
+            module = getattr(tower, name, None)
+            if isinstance(module, torch.nn.Module):
+                regions.append(module)
+        if spec.deepstack_mergers:
+            regions.extend(getattr(tower, spec.deepstack_mergers, None) or ())
+    return regions
+
+
+def _regions(model, linear_class: str | None, spec=None) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     base = getattr(model, "get_base_model", None)
     if base is not None:
@@ -50,6 +67,8 @@ def _regions(model, linear_class: str | None) -> list[torch.nn.Module]:
         if linear_class is not None and any(type(m).__name__ == linear_class for m in module.modules()):
             continue
         regions.append(module)
+    inside = {id(m) for region in regions for m in region.modules()}
+    regions.extend(m for m in _tower_regions(model, spec) if id(m) not in inside)
     return regions
 
 
@@ -79,9 +98,10 @@ def _region_forward(compiled, original):
     return forward
 
 
-def compile_regions(model, recorder, *, linear_class: str | None = None, mode: str | None = None) -> int:
-    """Compile each region of ``model`` in place (recorded in ``recorder`` for undo); returns how many."""
-    regions = _regions(model, linear_class)
+def compile_regions(model, recorder, *, linear_class: str | None = None, spec=None, mode: str | None = None) -> int:
+    """Compile each region of ``model`` in place (recorded in ``recorder`` for undo); returns how many. ``spec``: the
+    model's ``FamilySpec``, whose vision tower's patch embedding and mergers are regions too."""
+    regions = _regions(model, linear_class, spec)
     for module in regions:
         original = module.forward
         compiled = torch.compile(original, mode=mode)
