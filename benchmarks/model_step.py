@@ -13,6 +13,8 @@ attention layer) for the packed-vs-padded comparison. Every method runs the same
     ours+compile+fusedce  ... and fused_cross_entropy=True (Liger-Kernel)
     native-packed         unpatched transformers, 4-row positions (its own packed path; sdpa)
     padded                unpatched transformers, one sample per row padded to the longest (sdpa)
+    upstream-4.57         upstream's trainer.py patch on transformers 4.57.6, in its own process on the same
+                          batches saved to disk (upstream_step.py: --upstream-site, --upstream-checkout)
 
 A batch mixes images of several sizes, a video and text-only samples (``MIXES``). Reported: median step time
 after warm-up, tokens/s (text-model tokens), peak memory, MFU against the GPU's dense bf16 peak, and host syncs per
@@ -35,14 +37,19 @@ import contextlib
 from collections import Counter
 import gc
 import json
+import os
+from pathlib import Path
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}
+UPSTREAM = "upstream-4.57"  # run by upstream_step.py in its own process, on transformers 4.57.6
 
 VOCAB = 151_936
 CONFIGS = {
@@ -92,9 +99,9 @@ MIXES = {
 }
 
 
-def build(name: str, text_layers: int):
-    import transformers
-
+def model_config(name: str, text_layers: int) -> dict:
+    """What ``build`` makes the model from: its config and entry class names and the config's arguments (plain data,
+    saved with the batches for ``upstream_step.py``, which builds the same model on transformers 4.57.6)."""
     from qwenvl.families import get_family
 
     cfg = CONFIGS[name]
@@ -103,11 +110,23 @@ def build(name: str, text_layers: int):
     text_layers = text["num_hidden_layers"]
     if name == "qwen3_5":
         text["layer_types"] = ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(text_layers)]
-    config = getattr(transformers, spec.config_class)(text_config=text, vision_config=cfg["vision"], **cfg["tokens"])
+    return {"config_class": spec.config_class, "entry_class": spec.entry_classes[0],
+            "kwargs": dict(text_config=text, vision_config=cfg["vision"], **cfg["tokens"])}
+
+
+def build_from(saved: dict):
+    """``model_config``'s model with random weights, bf16, on CUDA, sdpa, in training mode."""
+    import transformers
+
+    config = getattr(transformers, saved["config_class"])(**saved["kwargs"])
     with torch.device("cuda"):
-        model = getattr(transformers, spec.entry_classes[0])._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = getattr(transformers, saved["entry_class"])._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.train()
     return model
+
+
+def build(name: str, text_layers: int):
+    return build_from(model_config(name, text_layers))
 
 
 def samples_for(model, mix: str, seed: int = 0):
@@ -167,7 +186,8 @@ def flops_per_step(model, samples) -> float:
     return 6 * text_params * tokens + lm_head + 6 * vision_params * patches + attn
 
 
-def run_method(model, method, samples, *, warmup, iters):
+def method_inputs(model, method, samples):
+    """``method``'s patch (a context manager) and its batch, on the host."""
     import qwenvl
 
     patch_kwargs = {
@@ -187,6 +207,17 @@ def run_method(model, method, samples, *, warmup, iters):
         ctx, inputs = contextlib.nullcontext(), padded_inputs(model, samples)
     else:
         raise ValueError(method)
+    return ctx, inputs
+
+
+def run_method(model, method, samples, *, warmup, iters):
+    ctx, inputs = method_inputs(model, method, samples)
+    return time_steps(model, inputs, ctx, warmup=warmup, iters=iters)
+
+
+def time_steps(model, inputs, ctx, *, warmup, iters):
+    """Median seconds of a forward + backward step on ``inputs`` (host tensors) under ``ctx``, the peak GiB, and the
+    host syncs of one untimed step after the warm-up (each the line that made it). ``upstream_step.py`` uses it too."""
     from qwenvl.data import to_device
 
     # Pinned once, as the DataLoader's pinning thread does off the step; each step copies without waiting.
@@ -225,7 +256,70 @@ def _short(site: str) -> str:
     return site
 
 
-def main(argv=None) -> int:
+def save_batch(folder, name, mix, model, samples, text_layers, *, tokens, flops) -> None:
+    """``folder/<model>--<mix>.pt``: the packed row upstream's patch takes (upstream convention, no host metadata,
+    labels), the model's ``model_config``, the tokens and FLOPs of the step (``torch.save``; read by upstream_step.py)."""
+    inputs = packed_inputs(model, samples, "upstream", host=False)
+    inputs.pop("mm_token_type_ids", None)  # a 5.x input: upstream's collator and 4.57's forward have none
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.save({"model": name, "mix": mix, "config": model_config(name, text_layers), "inputs": inputs,
+                "tokens": tokens, "flops": flops}, Path(folder) / f"{name}--{mix}.pt")
+
+
+def run_upstream(args, name: str, folder) -> list[dict]:
+    """``upstream_step.py``'s rows for ``name``'s saved batches: its own process, ``--upstream-site`` (transformers
+    4.57.6) first on ``PYTHONPATH``; its stderr goes to ours."""
+    root = Path(__file__).resolve().parent.parent
+    paths = [args.upstream_site, str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    command = [sys.executable, str(Path(__file__).with_name("upstream_step.py")), "--batches", str(folder), "--models", name,
+               "--mixes", *args.mixes, "--upstream-checkout", args.upstream_checkout,
+               "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not rows:
+        why = f"upstream_step.py exited {done.returncode}: {done.stdout[-300:]}"
+        return [{"model": name, "mix": mix, "method": UPSTREAM, "error": why} for mix in args.mixes]
+    return rows
+
+
+def _print_row(row: dict) -> None:
+    name, mix, method = row["model"], row["mix"], row["method"]
+    if "error" in row:
+        print(f"{name:<11} {mix:<14} {method:<21} failed: {row['error'][:160]}", flush=True)
+        return
+    vs = f"{row['speedup_vs_ours']:>6.2f}x" if row.get("speedup_vs_ours") else f"{'-':>7}"
+    print(f"{name:<11} {mix:<14} {method:<21} {row['tokens']:>6} {row['ms']:>8.1f} {row['tokens_per_s']:>8.0f} "
+          f"{row['peak_gib']:>6.1f} {(row['mfu'] or 0)*100:>4.0f}% {row['host_syncs']:>5} {vs}", flush=True)
+
+
+def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
+    """Every in-process method on one batch (saved first when ``folder``); ``speedup_vs_ours`` against the first."""
+    samples = samples_for(model, mix)
+    tokens = sum(len(s) for s in samples)
+    flops = flops_per_step(model, samples)
+    if folder:
+        save_batch(folder, name, mix, model, samples, args.text_layers, tokens=tokens, flops=flops)
+    rows, base = [], None
+    for method in (m for m in args.methods if m != UPSTREAM):
+        try:
+            seconds, gib, sites = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
+        except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, the rest go on
+            rows.append({"model": name, "mix": mix, "method": method, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            _print_row(rows[-1])
+            torch.cuda.empty_cache()
+            continue
+        base = base or seconds
+        rows.append({"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
+                     "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": flops / seconds / peak if peak else None,
+                     "host_syncs": len(sites), "sync_sites": dict(Counter(_short(s) for s in sites)),
+                     "speedup_vs_ours": base / seconds})
+        _print_row(rows[-1])
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["qwen2_5_vl", "qwen3_vl"], choices=list(CONFIGS))
     p.add_argument("--mixes", nargs="+", default=["images-12x448", "mixed"], choices=list(MIXES))
@@ -234,7 +328,19 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--out")
-    args = p.parse_args(argv)
+    p.add_argument("--save-batches", metavar="DIR", help="write each (model, mix) batch and the model's config there")
+    p.add_argument("--upstream-site", metavar="DIR", help=f"{UPSTREAM}: a pip install --target folder with transformers==4.57.6")
+    p.add_argument("--upstream-checkout", metavar="DIR", help=f"{UPSTREAM}: the qwen-vl-finetune folder of QwenLM/Qwen3-VL")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if UPSTREAM in args.methods and not (args.upstream_site and args.upstream_checkout):
+        print(f"model_step.py: --methods {UPSTREAM} needs --upstream-site DIR (a pip install --target folder holding "
+              "transformers==4.57.6) and --upstream-checkout DIR (QwenLM/Qwen3-VL's qwen-vl-finetune folder); "
+              "docs/benchmarks.md says how", file=sys.stderr)
+        return 2
     import transformers
 
     gpu = torch.cuda.get_device_name()
@@ -242,35 +348,24 @@ def main(argv=None) -> int:
     rows = []
     print(f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}, text layers {args.text_layers}")
     print(f"{'model':<11} {'mix':<14} {'method':<21} {'tokens':>6} {'ms':>8} {'tok/s':>8} {'GiB':>6} {'MFU':>5} {'syncs':>5} {'vs ours':>7}")
-    for name in args.models:
-        model = build(name, args.text_layers)
-        for mix in args.mixes:
-            samples = samples_for(model, mix)
-            tokens = sum(len(s) for s in samples)
-            flops = flops_per_step(model, samples)
-            base = None
-            for method in args.methods:
-                try:
-                    seconds, gib, sites = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
-                    syncs = len(sites)
-                except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, the rest go on
-                    print(f"{name:<11} {mix:<14} {method:<21} failed: {type(exc).__name__}: {str(exc)[:160]}")
-                    rows.append({"model": name, "mix": mix, "method": method, "error": f"{type(exc).__name__}: {exc}"[:500]})
-                    torch.cuda.empty_cache()
-                    continue
-                base = base or seconds
-                mfu = flops / seconds / peak if peak else None
-                row = {"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
-                       "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": mfu, "host_syncs": syncs,
-                       "sync_sites": dict(Counter(_short(s) for s in sites)), "speedup_vs_ours": base / seconds}
-                rows.append(row)
-                print(f"{name:<11} {mix:<14} {method:<21} {tokens:>6} {seconds*1e3:>8.1f} {tokens/seconds:>8.0f} {gib:>6.1f} "
-                      f"{(mfu or 0)*100:>4.0f}% {syncs if syncs is not None else '-':>5} {base/seconds:>6.2f}x", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    with contextlib.ExitStack() as stack:
+        folder = args.save_batches or (stack.enter_context(tempfile.TemporaryDirectory()) if UPSTREAM in args.methods else None)
+        for name in args.models:
+            model = build(name, args.text_layers)
+            bases = {}
+            for mix in args.mixes:
+                mix_rows = _measure_mix(args, name, mix, model, peak, folder)
+                rows += mix_rows
+                bases[mix] = next((r["ms"] for r in mix_rows if "ms" in r), None)  # the first method's
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            if UPSTREAM in args.methods:  # after the model is gone: its own process needs the memory
+                for row in run_upstream(args, name, folder):
+                    if "ms" in row and bases.get(row["mix"]):
+                        row["speedup_vs_ours"] = bases[row["mix"]] / row["ms"]
+                    rows.append(row)
+                    _print_row(row)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
