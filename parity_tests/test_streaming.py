@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from qwenvl.data import BadSampleError, PackedCollator, StreamingDataset
-from qwenvl.data.collators import STREAM_KEY
+from qwenvl.data.collators import STREAM_KEY, VISION_KEYS
 from qwenvl.data.processor import load_processor
 from qwenvl.fixtures import model_dir, tiny_model
 from qwenvl.packing import SKIPPED_KEY
@@ -103,7 +103,7 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for step, (a, b) in enumerate(zip(got, want)):
         assert sorted(a) == sorted(b), f"batch {step}: keys"
-        for key in ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_grid_thw"):
+        for key in ("input_ids", "labels", "attention_mask", "position_ids", *VISION_KEYS):
             if key in b:
                 assert torch.equal(a[key], b[key]), f"batch {step}: {key}"
         assert a[STREAM_KEY] == b[STREAM_KEY], f"batch {step}: the rows' samples and positions"
@@ -188,6 +188,43 @@ def test_a_row_that_fails_to_decode_stands_in_as_the_map_style_dataset_does(tmp_
         _take(_dataset(str(data)), 0, 1)
     batch = _take(_dataset(str(data), skip_bad_samples=True), 0, 1)[0]
     assert len(batch[SKIPPED_KEY]) == 1 and "00.jsonl sample 1:" in batch[SKIPPED_KEY][0]
+
+
+def test_a_video_row_streams_by_its_container_header(tmp_path, monkeypatch):
+    """A JSONL shard with a real mp4 video row: the stream learns the video's length from its container's header
+    (``SupervisedDataset``'s video rule), so the video is decoded once, when its packed row goes out, and never to
+    learn its length; the packed batches are exactly those of processing every row in full to learn its length."""
+    pytest.importorskip("torchvision", reason="transformers' video processors need torchvision")
+    pytest.importorskip("av", reason="the video rule reads headers with PyAV, and the test writes mp4 with it")
+    import qwenvl.data.dataset as dataset_module
+    from videos import write_mp4
+
+    data = _shards(tmp_path / "shards", jsonl=1, tars=0, count=6)
+    write_mp4(data / "clip.mp4", 8, 4, 32, 48)
+    lines = (data / "00.jsonl").read_text().splitlines()
+    ask = {"from": "human", "value": "<video>\nwhat moves?"}
+    lines.insert(2, json.dumps({"video": "clip.mp4", "conversations": [ask, {"from": "gpt", "value": "a square"}]}))
+    (data / "00.jsonl").write_text("\n".join(lines) + "\n")
+    decoded: list[int] = []
+    load_video = dataset_module.load_video
+
+    def counted(ref, path):
+        decoded.append(ref.index)
+        return load_video(ref, path)
+
+    monkeypatch.setattr(dataset_module, "load_video", counted)
+
+    processed = _take(_dataset(str(data), header_lengths=False), 0, 8, record=False)
+    emitted = _keys(processed).count("0:2")
+    assert emitted >= 2 and len(set(_keys(processed))) == 7, "the run should go past a pass"
+    assert len(decoded) > emitted, "processed in full: decoded to learn its length too"
+    decoded.clear()
+    dataset = _dataset(str(data))
+    header = _take(dataset, 0, 8, record=False)
+    assert decoded == [2] * emitted, "decoded once per packed row it goes out in, never to learn its length"
+    assert dataset._samples._video_rule is not None, "the video rule was declined on Qwen2.5-VL"
+    assert any("pixel_values_videos" in b for b in header)
+    _assert_same(header, processed)
 
 
 def _same_rows_elsewhere(tmp_path, write) -> None:

@@ -5,9 +5,7 @@ processors) and PyAV; CPU CI has no torchvision, so these skip there."""
 from __future__ import annotations
 
 import json
-from fractions import Fraction
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torchvision", reason="transformers' video processors need torchvision")
@@ -21,6 +19,7 @@ from qwenvl.data.processor import load_processor  # noqa: E402
 from qwenvl.data.video_lengths import probe_video_rule  # noqa: E402
 from qwenvl.families import FAMILIES  # noqa: E402
 from qwenvl.fixtures import model_dir, tiny_model  # noqa: E402
+from videos import write_mp4  # noqa: E402
 
 _LOADED: dict[str, tuple] = {}
 # Where the probe declines the rule, as measured on 5.25.0: the Qwen3-Omni processor's _process_videos needs
@@ -32,23 +31,6 @@ def _load(family):
     if family not in _LOADED:
         _LOADED[family] = (load_processor(model_dir(family)), tiny_model(family))
     return _LOADED[family]
-
-
-def _mp4(path, frames: int, fps: int, height: int, width: int) -> None:
-    """A moving square, MPEG-4 part 2 in mp4 (the encoder every FFmpeg build has), as scripts/make_fixtures.py."""
-    import av
-
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        for i in range(frames):
-            array = np.full((height, width, 3), 40, dtype=np.uint8)
-            array[(i * 3) % height :, : (i * 5) % width + 4] = (200, 30, 30)
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
 
 
 def _rule_or_skip(family):
@@ -78,7 +60,7 @@ def test_video_lengths_from_headers_equal_processed_lengths(family, tmp_path_fac
     folder = tmp_path_factory.mktemp("videos")
     names = []
     for k, (frames, fps, height, width) in enumerate(videos):
-        _mp4(folder / f"{k}.mp4", frames, fps, height, width)
+        write_mp4(folder / f"{k}.mp4", frames, fps, height, width)
         names.append(f"{k}.mp4")
     tags = "".join("<video>" for _ in names)
     rows = [

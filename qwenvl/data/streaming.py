@@ -8,8 +8,8 @@ Which rows a process reads (shard ``i`` to rank ``i % world``, then the rank's `
     rank 1      s1 s3 s5                      worker 0: s1 s5     worker 1: s3
 
 A worker reads its shards in order, row by row: each row gets the map-style dataset's checks and its length from
-the text and image headers (``SupervisedDataset``'s own methods), waits in the packer's buffer, and is decoded and
-processed only when its packed row goes out. When its shards end, the worker starts its next pass over them (a
+the text, image and video headers (``SupervisedDataset``'s own methods and rules), waits in the packer's buffer, and
+is decoded and processed only when its packed row goes out. When its shards end, the worker starts its next pass over them (a
 stream never ends: train with ``max_steps``); a worker with no good row stops.
 
 The DataLoader takes packed rows from its workers in turn (worker 0, 1, ..., 0, ...). Each row carries, under
@@ -67,7 +67,8 @@ class _Samples(SupervisedDataset):
         self.processor, self.model = processor, model
         self.model_max_length, self.truncate, self.skip_bad_samples = int(model_max_length), truncate, skip_bad_samples
         self._replies = Replies(processor)
-        self._rule = None
+        self._rule = self._video_rule = None
+        self._video_probed = not header_lengths  # probed at the first video row (``_by_header``)
         self.skipped, self.truncated, self.length_cache_path = [], [], None
         self.rows: dict[str, Any] = {}
         self.lengths: dict[str, int] = {}
@@ -90,8 +91,7 @@ class _Samples(SupervisedDataset):
                 "a video row in a stream: this family cannot take images and videos in one forward, and a stream "
                 "packs them together (stream the video rows on their own, or use the map-style dataset)",
             )
-        by_header = self._rule is not None and not row.videos
-        result = _named(row, self._admit_by_header if by_header else self._admit, row)
+        result = _named(row, self._admit_by_header if self._by_header(row) else self._admit, row)
         if isinstance(result, BadSampleError):
             raise result
         return row, int(result[1])
