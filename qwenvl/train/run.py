@@ -34,6 +34,7 @@ from typing import Optional
 
 from qwenvl.options import InvalidOption, PatchOptions, current_names
 from qwenvl.packing import CONVENTIONS
+from qwenvl.train.data import map_style_rows, skip_bad_samples
 from qwenvl.train.streaming import streaming_problem, streaming_rows
 
 __all__ = ["ModelArguments", "DataArguments", "main", "run"]
@@ -236,12 +237,9 @@ def run(
     # Our collators build exactly the model's inputs; the Trainer's column filter would only get in the way.
     training_args.remove_unused_columns = False
 
-    if data_args.streaming:
-        skip_bad = _skip_bad(processor, data_args)
-        train_dataset, collator, summary = streaming_rows(data_path, processor, model, data_args, training_args, skip_bad)
-    else:
-        dataset = _dataset(data_path, processor, model, data_args, training_args)
-        train_dataset, collator, summary = _rows(dataset, processor, data_args, training_args)
+    skip_bad = skip_bad_samples(processor, data_args)
+    rows = streaming_rows if data_args.streaming else map_style_rows
+    train_dataset, collator, summary = rows(data_path, processor, model, data_args, training_args, skip_bad)
     callbacks = [*(callbacks or []), SaveProcessorCallback(processor, model_path)]
     trainer, result = _train(model, train_dataset, collator, training_args, options=options, callbacks=callbacks)
     if trainer.is_world_process_zero():
@@ -265,59 +263,6 @@ def _load_model(model_class, model_path: str, model_args: ModelArguments):
     if model_args.lora_enable:
         model = add_lora(model, model_args)
     return model
-
-
-def _skip_bad(processor, data_args: DataArguments) -> bool:
-    """``--skip_bad_samples``, turned on for the demo data where videos cannot load (its video rows are skipped)."""
-    from qwenvl.data.processor import videos_available
-
-    if data_args.data_path is None and not videos_available(processor):
-        logger.warning("qwenvl train: torchvision is not installed: the demo's video rows are skipped")
-        return True
-    return data_args.skip_bad_samples
-
-
-def _dataset(data_path: str, processor, model, data_args: DataArguments, training_args):
-    """The checked samples (``SupervisedDataset``); the demo's video rows are skipped where videos cannot load."""
-    from qwenvl.data import SupervisedDataset
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    skip_bad = _skip_bad(processor, data_args)
-    return SupervisedDataset(
-        data_path,
-        processor,
-        model=base,
-        model_max_length=data_args.model_max_length,
-        truncate=data_args.truncate,
-        skip_bad_samples=skip_bad,
-        num_workers=data_args.data_check_workers,
-        seed=training_args.seed,
-    )
-
-
-def _rows(dataset, processor, data_args: DataArguments, training_args) -> tuple:
-    """``(train_dataset, collator, summary)``: the samples packed into rows (``--packing``, the default) or
-    padded into batches, and the data summary (``data``, ``truncated``, ``skipped``; with packing ``packing``,
-    ``fill_ratio`` and, packed for several ranks, ``ranks``)."""
-    from qwenvl.data import PackedCollator, PackedDataset, PaddedCollator
-
-    summary = {"data": dataset.summary(), "truncated": len(dataset.truncated), "skipped": len(dataset.skipped)}
-    if training_args.process_index == 0:
-        logger.warning("qwenvl train: data: %s", summary["data"])
-    pad = getattr(processor.tokenizer, "pad_token_id", None) or 0
-    if not data_args.packing:
-        return dataset, PaddedCollator(pad), summary
-    shards = data_args.pack_shards or training_args.world_size
-    budget = data_args.pack_budget or data_args.model_max_length
-    train_dataset = PackedDataset(dataset, budget, seed=training_args.seed, shards=shards)
-    summary["packing"] = train_dataset.packing.summary()
-    summary["fill_ratio"] = train_dataset.packing.fill_ratio
-    if shards > 1:
-        summary["ranks"] = train_dataset.packing.report()
-    if training_args.process_index == 0:
-        logger.warning("qwenvl train: packing: %s", summary["packing"])
-    collator = PackedCollator(data_args.packing_convention, pad_to_multiple_of=data_args.pad_to_multiple_of, pad_token_id=pad)
-    return train_dataset, collator, summary
 
 
 def _train(model, train_dataset, collator, training_args, *, options: PatchOptions, callbacks: list):
