@@ -206,6 +206,13 @@ class FamilySpec:
                 return f"transformers {version}: {bug.bug}"
         return None
 
+    def vision_tower_in(self, model):
+        """``model``'s vision tower: its first submodule named ``vision_tower``, or ``None``."""
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] == self.vision_tower:
+                return module
+        return None
+
     def mixes_media(self, version: str | None = None) -> bool:
         """Whether one forward can hold images and videos on the installed (or given) release: not where they
         share a placeholder (GLM-4V), nor where a release bug forbids it."""

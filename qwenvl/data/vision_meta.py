@@ -38,13 +38,6 @@ def _hooks_available() -> bool:
     return Version(Version(transformers.__version__).base_version) >= Version(HOOKS_SINCE)
 
 
-def _tower(model, spec):
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == spec.vision_tower:
-            return module
-    return None
-
-
 @dataclass(frozen=True)
 class VisionPreamble:
     """How one model's vision tower derives its inputs from ``grid_thw`` (``of(model)``), and ``kwargs`` computing
@@ -63,7 +56,7 @@ class VisionPreamble:
         from qwenvl.families import family_of_model
 
         spec = family_of_model(model)
-        tower = _tower(model, spec)
+        tower = spec.vision_tower_in(model)
         if tower is None or not _hooks_available():
             return None
         module = sys.modules[type(tower).__module__]

@@ -41,15 +41,13 @@ def _tower_regions(model, spec) -> list[torch.nn.Module]:
     """The vision tower's patch embedding and mergers (its preamble's and coda's matmuls and norms)."""
     if spec is None:
         return []
-    towers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == spec.vision_tower]
-    regions = []
-    for tower in towers:
-        for name in ("patch_embed", *spec.projectors):
-            module = getattr(tower, name, None)
-            if isinstance(module, torch.nn.Module):
-                regions.append(module)
-        if spec.deepstack_mergers:
-            regions.extend(getattr(tower, spec.deepstack_mergers, None) or ())
+    tower = spec.vision_tower_in(model)
+    if tower is None:
+        return []
+    regions = [getattr(tower, name, None) for name in ("patch_embed", *spec.projectors)]
+    regions = [m for m in regions if isinstance(m, torch.nn.Module)]
+    if spec.deepstack_mergers:
+        regions.extend(getattr(tower, spec.deepstack_mergers, None) or ())
     return regions
 
 
