@@ -197,8 +197,11 @@ def test_a_video_row_streams_by_its_container_header(tmp_path, monkeypatch):
     pytest.importorskip("torchvision", reason="transformers' video processors need torchvision")
     pytest.importorskip("av", reason="the video rule reads headers with PyAV, and the test writes mp4 with it")
     import qwenvl.data.dataset as dataset_module
+    from qwenvl.data.video_lengths import probe_video_rule
     from videos import write_mp4
 
+    if (why := probe_video_rule(_load()[0])[1]).endswith("in this transformers release"):
+        pytest.skip(f"every video row is processed in full here: {why}")  # 4.57: no replace_video_token
     data = _shards(tmp_path / "shards", jsonl=1, tars=0, count=6)
     write_mp4(data / "clip.mp4", 8, 4, 32, 48)
     lines = (data / "00.jsonl").read_text().splitlines()

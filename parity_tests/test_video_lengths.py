@@ -23,7 +23,8 @@ from videos import write_mp4  # noqa: E402
 
 _LOADED: dict[str, tuple] = {}
 # Where the probe declines the rule, as measured on 5.25.0: the Qwen3-Omni processor's _process_videos needs
-# its audio options. Everywhere else a declined rule is a bug, never a skip.
+# its audio options. A release without the processor helpers (4.57: no replace_video_token) falls back by design.
+# Everywhere else a declined rule is a bug, never a skip (5.17's _merge_kwargs wanting its kwargs class was one).
 _RULE_DECLINED = {"qwen3_omni_moe_thinker": "load_audio_from_video"}
 
 
@@ -37,7 +38,7 @@ def _rule_or_skip(family):
     rule, why = probe_video_rule(_load(family)[0])
     if rule is None:
         known = _RULE_DECLINED.get(family)
-        assert known and known in why, f"video rule declined: {why}"
+        assert (known and known in why) or why.endswith("in this transformers release"), f"video rule declined: {why}"
         pytest.skip(f"every video row is processed here: {why}")
     return rule
 

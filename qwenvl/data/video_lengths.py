@@ -60,17 +60,45 @@ def container_metadata(ref: RowRef, path: Path):
     )
 
 
+def _processor_kwargs_class(processor):
+    """The ``ProcessingKwargs`` class ``processor.__call__`` merges its kwargs with, where ``_merge_kwargs`` needs it
+    passed (releases before 5.19: the ``<Processor>Kwargs`` class of the processor's module); ``None`` where the
+    release finds it itself."""
+    import inspect
+    import sys
+
+    first = next(iter(inspect.signature(processor._merge_kwargs).parameters.values()))
+    if first.default is not inspect.Parameter.empty:
+        return None
+    module = sys.modules[type(processor).__module__]
+    named = getattr(module, type(processor).__name__ + "Kwargs", None)
+    if isinstance(named, type):
+        return named
+    # ProcessingKwargs is a TypedDict: no issubclass, so by name, defined in the processor's own module
+    found = [c for n, c in vars(module).items() if n.endswith("ProcessorKwargs") and isinstance(c, type) and c.__module__ == module.__name__]
+    if len(found) != 1:
+        raise TypeError(f"{type(processor).__name__}: no single *ProcessorKwargs class in {module.__name__} ({len(found)} found)")
+    return found[0]
+
+
 class VideoRule:
     """The processor's placeholder text of each video, from its metadata (module docstring)."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, *, partial_counted: bool = True) -> None:
         self.processor = processor
+        self.partial_counted = partial_counted  # does get_num_of_video_patches count a partial temporal patch
         video = processor.video_processor
         tokenizer = getattr(processor, "tokenizer", processor)
         # The kwargs the processor's __call__ hands its video processor, and those the video processor's
         # preprocess hands its sample_frames.
-        self.videos_kwargs = processor._merge_kwargs(tokenizer_init_kwargs=tokenizer.init_kwargs)["videos_kwargs"]
-        kwargs = video._merge_and_standardize_kwargs(**self.videos_kwargs)
+        merged = processor._merge_kwargs(_processor_kwargs_class(processor), tokenizer_init_kwargs=tokenizer.init_kwargs)
+        self.videos_kwargs = merged["videos_kwargs"]
+        if hasattr(video, "_merge_and_standardize_kwargs"):
+            kwargs = video._merge_and_standardize_kwargs(**self.videos_kwargs)
+        else:  # releases before it (5.17): preprocess fills each kwarg not given from the video processor's attribute
+            kwargs = dict(self.videos_kwargs)
+            for name in video.valid_kwargs.__annotations__:
+                kwargs.setdefault(name, getattr(video, name, None))
         self.sample = kwargs.pop("do_sample_frames")
         for name in ("input_data_format", "do_convert_rgb", "device", "video_metadata"):
             kwargs.pop(name, None)
@@ -86,10 +114,16 @@ class VideoRule:
         else:
             metadata.frames_indices = np.arange(metadata.total_num_frames)
         frames = len(metadata.frames_indices)
-        patches = int(video.get_num_of_video_patches(frames, metadata.height, metadata.width, self.videos_kwargs))
         grid_t = -(-frames // self.temporal)  # the last temporal patch is filled with repeats
+        # The helper's own temporal count: the processor's (5.19 on), or whole patches only (5.17: 3 frames -> 1,
+        # while its processor encodes 2); probe_video_rule finds which on its probe videos.
+        helper_t = grid_t if self.partial_counted else frames // self.temporal
+        if helper_t == 0:
+            raise NoFrameCount(f"{frames} frame(s): this release's get_num_of_video_patches counts no temporal patch")
+        patches = int(video.get_num_of_video_patches(frames, metadata.height, metadata.width, self.videos_kwargs))
+        per_group = patches // helper_t
         # Only the grid's product per frame reaches the text (the frame count and its tokens a frame).
-        grid = torch.tensor([[grid_t, 1, patches // grid_t]])
+        grid = torch.tensor([[grid_t, 1, per_group]])
         return self.processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, video_idx=0)
 
     def expand(self, text: str, metadata: Sequence) -> str:
@@ -128,21 +162,32 @@ def probe_video_rule(processor) -> tuple[VideoRule | None, str]:
         {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
     ]
     tokenizer = getattr(processor, "tokenizer", processor)
-    try:
-        rule = VideoRule(processor)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        for frames, fps, height, width in PROBE_VIDEOS:
-            meta = dict(total_num_frames=frames, fps=fps, duration=frames / fps, video_backend="pyav")
-            expanded = rule.expand(text, [VideoMetadata(**meta, height=height, width=width)])
-            estimated = len(tokenizer(expanded, add_special_tokens=False)["input_ids"])
-            pixels = np.zeros((frames, height, width, 3), dtype=np.uint8)
-            out = processor(text=[text], videos=[pixels], video_metadata=[VideoMetadata(**meta)], return_tensors="pt")
-            if estimated != out["input_ids"].shape[1]:
-                return None, (
-                    f"the video rule disagrees with {type(processor).__name__} ({estimated} vs "
-                    f"{out['input_ids'].shape[1]} tokens on a probe video of {frames} frames at {fps} fps, "
-                    f"{height}x{width})"
-                )
-    except Exception as exc:  # a processor that cannot do this: process every video row, say why
-        return None, f"the video rule failed on probe videos: {type(exc).__name__}: {exc}"
-    return rule, ""
+    why = ""
+    for partial_counted in (True, False):
+        try:
+            rule = VideoRule(processor, partial_counted=partial_counted)
+            text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            for frames, fps, height, width in PROBE_VIDEOS:
+                meta = dict(total_num_frames=frames, fps=fps, duration=frames / fps, video_backend="pyav")
+                expanded = rule.expand(text, [VideoMetadata(**meta, height=height, width=width)])
+                estimated = len(tokenizer(expanded, add_special_tokens=False)["input_ids"])
+                pixels = np.zeros((frames, height, width, 3), dtype=np.uint8)
+                out = processor(text=[text], videos=[pixels], video_metadata=[VideoMetadata(**meta)], return_tensors="pt")
+                if estimated != out["input_ids"].shape[1]:
+                    raise _Disagrees(
+                        f"the video rule disagrees with {type(processor).__name__} ({estimated} vs "
+                        f"{out['input_ids'].shape[1]} tokens on a probe video of {frames} frames at {fps} fps, "
+                        f"{height}x{width})"
+                    )
+            return rule, ""
+        except _Disagrees as exc:
+            why = why or str(exc)
+        except NotImplementedError:  # the base class's placeholder (5.17's Qwen3-Omni replace_video_token)
+            why = why or f"{type(processor).__name__} does not implement its video helpers in this transformers release"
+        except Exception as exc:  # a processor that cannot do this: process every video row, say why
+            why = why or f"the video rule failed on probe videos: {type(exc).__name__}: {exc}"
+    return None, why
+
+
+class _Disagrees(Exception):
+    pass
