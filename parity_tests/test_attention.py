@@ -101,11 +101,45 @@ def test_backend_matches_reference(backend_dtype, device, case):
     # Fused kernels compute the way FlashAttention does: those plain computations are yardsticks too.
     out_flash = attention_ref_flash_out(q, k, v, mask, scale=case.scale)
     grads_flash = attention_ref_flash_grads(q, k, v, mask, out_pt, grad_out, scale=case.scale)
+    out_yardsticks = (out_pt, out_flash)
+    if _runs_tf32x3(backend, device, dtype):  # float32 SDPA's memory-efficient kernel multiplies in 3xTF32
+        out_yardsticks += (attention_ref_flash_out(q, k, v, mask, scale=case.scale, tf32x3=True),)
 
     rule = dict(draw=case, record=labels, zero_atol=tol.zero_atol)
-    assert_close_by_rule(out, out_ref, (out_pt, out_flash), k=tol.k_out, name="out", **rule)
+    assert_close_by_rule(out, out_ref, out_yardsticks, k=tol.k_out, name="out", **rule)
     for name, g, g_ref, g_pt, g_flash in zip(("dq", "dk", "dv"), grads, grads_ref, grads_pt, grads_flash):
         assert_close_by_rule(g, g_ref, (g_pt, g_flash), k=tol.k_grad, name=name, **rule)
+
+
+def _runs_tf32x3(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """float32 SDPA on a GPU of compute capability >= 8.0: the memory-efficient kernel, whose matmuls are 3xTF32."""
+    return backend == "sdpa" and dtype == torch.float32 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def test_tf32_rounding_is_to_nearest_ties_away():
+    """``round_tf32`` keeps 10 mantissa bits as ``cvt.rna.tf32.f32`` does (ties away from zero, both signs)."""
+    from qwenvl.reference.attention import round_tf32
+
+    ulp = 2.0**-10  # TF32's at 1
+    x = torch.tensor([1.0, 1 + ulp / 2, -(1 + ulp / 2), 1 + ulp / 4, 1 + 3 * ulp / 4, 3.1, -0.0], dtype=torch.float32)
+    # 3.1 = 1.55 * 2: the ulp there is 2**-9, and 3.099609375 is the nearest multiple of it
+    want = torch.tensor([1.0, 1 + ulp, -(1 + ulp), 1.0, 1 + ulp, 3.099609375, -0.0])
+    assert torch.equal(round_tf32(x), want)
+
+
+@pytest.mark.gpu
+def test_the_tf32x3_yardstick_is_the_memory_efficient_kernels_arithmetic(device):
+    """With one key per query the kernel's probabilities are exactly 1, so its output is ``V`` through the 3xTF32
+    split alone: bit for bit the yardstick's (and a few ulps from ``V``, which a float32 yardstick would not see)."""
+    if not _runs_tf32x3("sdpa", device, torch.float32):
+        pytest.skip("float32 SDPA runs the 3xTF32 memory-efficient kernel on GPUs of compute capability >= 8.0")
+    case = AttnCase(lengths=(12,), n_heads=4, kv_heads=4, head_dim=8, causal=False, window=(0, 0))
+    q, k, v, _ = case.tensors(torch.float32, device)
+    meta = VarlenMeta.from_lengths(case.lengths, device=device)
+    mask = mask_from_cu_seqlens(meta.cu_seqlens, causal=False, window=(0, 0))
+    out = varlen_attention(q, k, v, meta, backend="sdpa", causal=False, window=(0, 0))
+    assert torch.equal(out, attention_ref_flash_out(q, k, v, mask, tf32x3=True))
+    assert not torch.equal(out, v), "the split should leave V's low bits off somewhere"
 
 
 @settings(max_examples=40, deadline=None)

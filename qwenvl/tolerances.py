@@ -12,8 +12,13 @@ largest of their errors. For the attention output there are two: the plain softm
 done plainly (``qwenvl.reference.attention_ref_flash_out``: the scale folded into a base-2 exponent with a fused
 multiply-add, normalised last). With one key per query the plain softmax is exactly 1 and its output exactly V,
 a yardstick of 0, while the fused way leaves the rounding of ``max * scale * log2(e)`` in the exponent and V
-within an ulp or two: on an H100 the float32 memory-efficient SDPA kernel was 2 ulps off on such a draw (a
-window of (0, 0)), over a bound of the floor alone. For attention gradients there are two as well: autograd through the plain softmax, and
+within an ulp or two. On CUDA (compute capability >= 8.0) float32 SDPA runs the memory-efficient kernel, whose
+matmuls are 3xTF32 (CUTLASS's ``OpMultiplyAddFastF32``: each operand split into two TF32 halves, about 21
+significant bits kept): the same plain computation with that split (``attention_ref_flash_out(tf32x3=True)``)
+is the third output yardstick there. Measured on an H100 (2026-12-07): on a one-key-per-query draw the kernel
+was 2 ulps (4.8e-7) from V while both float32 yardsticks were exact, a bound of the floor alone (2.4e-7); the
+3xTF32 yardstick is 4.8e-7 on that draw, and ``test_the_tf32x3_yardstick_is_the_memory_efficient_kernels_
+arithmetic`` holds the kernel to it bit for bit. For attention gradients there are two as well: autograd through the plain softmax, and
 FlashAttention's own backward done plainly (``qwenvl.reference.attention_ref_flash_grads``: probabilities
 recomputed from the log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``). They round differently, and which one
 is more accurate depends on the draw: with one key per query (a window of (0, 0), length-1 segments)

@@ -96,6 +96,7 @@ def attention_ref_flash_out(
     mask_TT: torch.Tensor,
     *,
     scale: float | None = None,
+    tf32x3: bool = False,
 ) -> torch.Tensor:
     """The forward computed plainly, in the input dtype, the way fused kernels compute it.
 
@@ -112,6 +113,12 @@ def attention_ref_flash_out(
     computations as its yardstick (``qwenvl.tolerances``). The fused multiply-add is computed exactly:
     the product of two numbers of the input dtype is exact in float64, rounded once to the input dtype.
 
+    ``tf32x3``: float32 only; both matmuls (``S = Q K^T`` and ``P V``) as the memory-efficient SDPA kernel runs
+    them on GPUs of compute capability 8.0 and later (its ``DefaultGemmType``: CUTLASS's
+    ``OpMultiplyAddFastF32``, "3xTF32" on tensor cores): each operand split into ``big = tf32(x)`` and
+    ``small = tf32(x - big)`` and the product taken as ``big*big' + big*small' + small*big'``. The split keeps
+    about 21 of float32's 24 significant bits, so even ``P = 1`` leaves ``O`` within a few ulps of ``V``.
+
     Returns:
         ``(T, N, H)`` in the input dtype; rows with nothing to attend are exact zeros.
     """
@@ -124,14 +131,33 @@ def attention_ref_flash_out(
     v_TNH = v_TKH.repeat_interleave(n_heads // kv_heads, dim=1)
     mask_TT = mask_TT.to(device=q_TNH.device, dtype=torch.bool)
     empty_T1 = ~mask_TT.any(dim=-1, keepdim=True)
-    scores_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH).masked_fill(~mask_TT, float("-inf"))
+    if tf32x3 and dtype != torch.float32:
+        raise ValueError(f"tf32x3 is a float32 matmul, got {dtype}")
+    matmul = _matmul_tf32x3 if tf32x3 else torch.einsum
+    scores_NTT = matmul("qnh,knh->nqk", q_TNH, k_TNH).masked_fill(~mask_TT, float("-inf"))
     max_NT1 = scores_NTT.amax(dim=-1, keepdim=True).masked_fill(empty_T1, 0.0)
     c = torch.tensor(scale * math.log2(math.e), dtype=dtype, device=q_TNH.device)
     exponent_NTT = (scores_NTT.double() * c.double() - (max_NT1 * c).double()).to(dtype)
     probs_NTT = torch.exp2(exponent_NTT).masked_fill(empty_T1, 0.0)
     inverse_NT1 = 1.0 / probs_NTT.sum(dim=-1, keepdim=True).masked_fill(empty_T1, 1.0)
-    out_NTH = torch.einsum("nqk,knh->nqh", probs_NTT, v_TNH) * inverse_NT1
+    out_NTH = matmul("nqk,knh->nqh", probs_NTT, v_TNH) * inverse_NT1
     return out_NTH.transpose(0, 1)
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32 (10 stored mantissa bits) to nearest, ties away from zero (``cvt.rna.tf32.f32``):
+    half of the dropped 13 bits' weight is added to the magnitude bits, then the 13 bits are cleared."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _matmul_tf32x3(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``einsum(equation, a, b)`` of float32 operands the 3xTF32 way; the three products summed in float64 and
+    rounded once (the accumulation's own rounding is the plain computation's, not what this adds)."""
+    a_big, b_big = round_tf32(a), round_tf32(b)
+    a_small, b_small = round_tf32(a - a_big), round_tf32(b - b_big)
+    terms = ((a_big, b_big), (a_big, b_small), (a_small, b_big))
+    return sum(torch.einsum(equation, x.double(), y.double()) for x, y in terms).float()
 
 
 def attention_ref_flash_grads(
