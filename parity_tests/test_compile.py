@@ -61,6 +61,26 @@ def test_varied_batches_do_not_recompile(device):
     assert graphs[WARM_UP:] == [graphs[WARM_UP - 1]] * (len(BATCHES) - WARM_UP), f"graphs after each batch: {graphs}"
 
 
+def test_compiled_vision_blocks_take_the_collators_boundaries(monkeypatch):
+    # Inside a compiled vision block the attention gets the tower's device cu_seqlens only: the operator must find
+    # the host boundaries the collator sent (no read-back, no host sync), and read back only without them.
+    import qwenvl.attention._compiled as compiled
+    from qwenvl.packing import HOST_KEY
+
+    read: list[int] = []
+    real = compiled._read_back
+    monkeypatch.setattr(compiled, "_read_back", lambda cu: read.append(cu.numel()) or real(cu))
+    model = tiny_model("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(0)
+    batch = pack(model, [make_sample(model.config, s, generator=gen) for s in BATCHES[0]])
+    with qwenvl.patch(model, compile=True):
+        model(**batch.model_inputs(), use_cache=False).logits.sum().backward()
+        assert read == [], f"boundaries read back from the device: {read}"
+        inputs = {k: v for k, v in batch.model_inputs().items() if k != HOST_KEY}
+        model(**inputs, use_cache=False).logits.sum().backward()
+    assert read, "without the collator's metadata the operator reads the tower's boundaries back"
+
+
 def test_compile_is_reverted_with_the_patch():
     model = tiny_model("qwen2_vl")
     regions = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]

@@ -10,8 +10,9 @@ Its backward recomputes the forward under autograd and differentiates it (the sa
 eager mode; one extra attention forward per backward). Dropout is refused: a recomputed forward would draw
 another mask.
 
-Vision towers hand every block the same device ``cu_seqlens`` and no host copy: the operator reads it once
-(one sync) and keeps it for the next blocks, keyed by the tensor's storage while it holds a reference to it.
+Vision towers hand every block the same device ``cu_seqlens`` and no host copy: the operator takes the host
+boundaries the collator sent (``remember_host_offsets``, called by the model entry), or else reads the tensor
+once (one sync) and keeps it for the next blocks, keyed by the tensor's storage while it holds a reference to it.
 """
 
 from __future__ import annotations
@@ -25,16 +26,30 @@ __all__ = ["compiled_varlen_attention"]
 _HOST_CACHE: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
 
 
+def _key(cu_seqlens: torch.Tensor) -> tuple:
+    return (cu_seqlens.data_ptr(), tuple(cu_seqlens.shape), cu_seqlens._version)
+
+
+def remember_host_offsets(cu_seqlens: torch.Tensor, host_cu: torch.Tensor) -> None:
+    """``host_cu`` (int64, CPU) holds ``cu_seqlens``'s values: the operator takes them from here, no sync (the
+    vision boundaries the collator sent, registered by the model entry before the tower runs)."""
+    # Holding the tensor keeps its storage alive, so no other tensor can reuse its address while it is cached.
+    _HOST_CACHE[:] = [*_HOST_CACHE[-3:], (cu_seqlens, _key(cu_seqlens), host_cu)]
+
+
+def _read_back(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens.to("cpu", torch.int64)  # a host sync
+
+
 def _host_offsets(cu_seqlens: torch.Tensor, host_cu: torch.Tensor | None) -> torch.Tensor:
     if host_cu is not None and host_cu.numel() > 0:
         return host_cu
-    key = (cu_seqlens.data_ptr(), tuple(cu_seqlens.shape), cu_seqlens._version)
+    key = _key(cu_seqlens)
     for tensor, cached_key, host in _HOST_CACHE:
         if cached_key == key:
             return host
-    host = cu_seqlens.to("cpu", torch.int64)  # one sync per distinct cu_seqlens
-    # Holding the tensor keeps its storage alive, so no other tensor can reuse its address while it is cached.
-    _HOST_CACHE[:] = [*_HOST_CACHE[-3:], (cu_seqlens, key, host)]
+    host = _read_back(cu_seqlens)  # one sync per distinct cu_seqlens the collator did not send
+    remember_host_offsets(cu_seqlens, host)
     return host
 
 

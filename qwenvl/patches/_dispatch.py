@@ -88,6 +88,10 @@ class PatchState:
         host boundaries when the collator sent them: then no host sync)."""
         meta = VarlenMeta.from_cu_seqlens(cu_seqlens, host_offsets=host_offsets)
         self._vision_cache = [*self._vision_cache[-3:], (cu_seqlens, meta)]
+        if host_offsets is not None:  # compiled vision blocks read their boundaries from there, no sync
+            from qwenvl.attention._compiled import remember_host_offsets
+
+            remember_host_offsets(cu_seqlens, meta.host_cu_seqlens)
         return meta
 
 
