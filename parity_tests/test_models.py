@@ -167,6 +167,21 @@ def test_fla_forward_equals_each_sample_alone(family, device):
     assert verdict.passed, verdict
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_fla_in_training_equals_each_sample_alone(family, device):
+    # fla's kernels forward and backward (tilelang's backward on Hopper with Triton < 3.7.1), images included:
+    # logits and every parameter's gradient (each Gated DeltaNet projection, conv, A_log and dt_bias among them)
+    # against each sample alone, by the rule. Fixed lengths: one JIT compilation per kernel, not one per draw.
+    from qwenvl.patches._linear import fla_problem
+
+    if (problem := fla_problem(device, backward=True)) is not None:
+        pytest.skip(problem)
+    backend, dtype = _backend_and_dtype(device)
+    specs = [SampleSpec(70, image=(4, 4)), SampleSpec(1), SampleSpec(130), SampleSpec(9, image=(2, 4))]
+    _assert_case(run_case(family, backend=backend, device=device, dtype=dtype, specs=specs, linear_backend="fla"))
+
+
 def _to(inputs: dict, model) -> dict:
     dtype = next(model.parameters()).dtype
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
