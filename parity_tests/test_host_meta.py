@@ -5,7 +5,8 @@
 of every cu_seqlens (``qwenvl.packing.HostMeta``). These tests prove, on the CPU, that the precomputed inputs are
 the tower's own (outputs and gradients bit-identical with and without them), that the tower really reads each of
 them (a wrong one changes the output), and that no boundary is read back from a tensor when the metadata is
-there. The host-sync count itself is judged on CUDA (``test_models.py::test_training_step_host_syncs``).
+there. The host syncs themselves are counted on CUDA (``test_training_step_host_syncs``) and, operator by
+operator, on the CPU (``test_a_training_step_reads_nothing_back_on_the_cpu_either``, ``data_dependent.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ from qwenvl.verify.batches import SampleSpec, make_sample, pack, split_by_media
 
 VISION_FAMILIES = tuple(FAMILIES)
 SPECS = (SampleSpec(text=7, image=(4, 6)), SampleSpec(text=5), SampleSpec(text=3, video=(2, 4, 4)), SampleSpec(text=4, image=(2, 2)))
+
+# What transformers still does with the device's data where our code cannot reach, by family, over the rows of
+# SPECS (``split_by_media``: one row of all four samples, GLM-4V an image row and a video row):
+# - Qwen3-VL: its forward selects each modality's mask at the union of both when a row holds images and a video
+#   (``image_mask[visual_pos_masks]``, 2; qwenvl.patches._visual);
+# - GLM-4V: its tower reads grid_thw on the device (FamilySpec.tower_reads_grid), so get_image_features' and
+#   get_video_features' split sizes (.tolist(), 1 each) and the video's frame expansion (repeat_interleave) do.
+UPSTREAM_DATA_DEPENDENT = {
+    "qwen3_vl": [("index", 2)],
+    "qwen3_vl_moe": [("index", 2)],
+    "glm4v": [("repeat_interleave", 1), ("tolist", 2)],
+    "glm4v_moe": [("repeat_interleave", 1), ("tolist", 2)],
+}
 
 
 def _model_and_rows(family: str):
@@ -135,28 +149,33 @@ def test_training_step_host_syncs(device, family, convention, fused, record_prop
         pytest.skip(f"the fused loss on CUDA needs Liger-Kernel: {liger_problem()}")
     model, rows = _model_and_rows(family)
     model = model.to(device, torch.bfloat16).train()
-    row = max(rows, key=lambda r: len(r.items))
-    inputs = row.with_pixels(torch.bfloat16).model_inputs(convention)
-    inputs["labels"] = row.labels
+    sites = []
     with qwenvl.patch(model, backend="torch", fused_cross_entropy=fused):
-        for attempt in ("warm-up", "measured"):
-            batch = to_device(inputs, device)
-            torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    model(**batch).loss.backward()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            model.zero_grad(set_to_none=True)
-    sites = _sync_sites(caught)
+        for row in rows:
+            inputs = row.with_pixels(torch.bfloat16).model_inputs(convention)
+            inputs["labels"] = row.labels
+            for attempt in ("warm-up", "measured"):
+                batch = to_device(inputs, device)
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        model(**batch).loss.backward()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                model.zero_grad(set_to_none=True)
+            sites += _sync_sites(caught)
     record_property("host_sync_sites", sites)
     package = str(Path(qwenvl.__file__).parent)
     ours = [s for s in sites if s.startswith(package)]
     preamble = [s for s in sites if "vision_utils.py" in s] if VisionPreamble.of(model) is not None else []
     assert not ours, f"qwenvl waits on the device at {ours}"
     assert not preamble, f"the vision tower recomputed its inputs at {preamble}"
+    if family != "qwen3_omni_moe_thinker" and VisionPreamble.of(model) is not None:
+        # the named upstream operators (UPSTREAM_DATA_DEPENDENT, one sync each) and nothing else
+        named = sum(n for _, n in UPSTREAM_DATA_DEPENDENT.get(family, []))
+        assert len(sites) <= named, f"{len(sites)} host syncs, {named} named upstream: {sites}"
 
 
 @pytest.mark.parametrize("offsets", [(0, 100, 164), (0, 1), (0, 64, 64, 65), (0, 0), (0, 200, 330, 331, 700)])
@@ -304,6 +323,33 @@ def test_deepstack_adds_by_index_with_the_collators_positions(family, monkeypatc
     assert calls == [], f"the boolean-mask deepstack ran {len(calls)} times with the collator's positions"
     _step(model, [row.model_inputs("upstream", host=False)])
     assert calls, "without the positions the original deepstack must run"
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_a_training_step_reads_nothing_back_on_the_cpu_either(family):
+    """The CPU's view of ``test_training_step_host_syncs``: a training step (forward, loss, backward) of each packed
+    row with the collator's metadata runs no operator whose result the host must wait for (``DataDependentOps``),
+    but for the named upstream ones; without the metadata it runs several (the detector sees them)."""
+    from collections import Counter
+
+    from data_dependent import DataDependentOps
+
+    if family == "qwen3_omni_moe_thinker":
+        pytest.skip("its text model sits in a class qwenvl does not wrap: masked_scatter's syncs stay (docs/benchmarks.md)")
+    model, rows = _model_and_rows(family)
+    _preamble_or_skip(model)
+    seen = Counter()
+    for row in rows:
+        inputs = row.model_inputs("upstream")
+        with qwenvl.patch(model, backend="sdpa"), DataDependentOps(host=inputs[HOST_KEY].grids.values()) as mode:
+            model(**inputs, labels=row.labels).loss.backward()
+        seen.update(mode.seen)
+    by_op = sorted(Counter(op for (op, _), n in seen.items() for _ in range(n)).items())
+    assert by_op == UPSTREAM_DATA_DEPENDENT.get(family, []), f"data-dependent operators: {dict(seen)}"
+    row = max(rows, key=lambda r: len(r.items))
+    with qwenvl.patch(model, backend="sdpa"), DataDependentOps() as mode:
+        model(**row.model_inputs("upstream", host=False), labels=row.labels).loss.backward()
+    assert mode.seen, "without the collator's metadata the detector must see the tower read its grids back"
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)

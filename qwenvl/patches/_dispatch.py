@@ -72,6 +72,10 @@ class PatchState:
     in_features: bool = False
     reattached: bool = False
     pending: list = field(default_factory=list)
+    # ... and their deepstack features go in at the text model's entry (its _deepstack_process adds them by
+    # index): ``deepstack_by_hand`` for this forward, ``deepstack_handed`` once they went in (features' order).
+    deepstack_by_hand: bool = False
+    deepstack_handed: bool = False
 
     def forget(self) -> None:
         """A new forward: nothing of the last one's host metadata applies."""

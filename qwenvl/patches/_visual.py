@@ -16,6 +16,12 @@ A data-dependent size is what syncs. The collator knows every placeholder's posi
     text model entry       ``_Reattach``: the embeddings unchanged, and in the backward the gradient at the
                            placeholder positions, gathered by index, goes to the live features (``reattaching``)
     _deepstack_process     adds by index at the same positions (``deepstack``)
+    deepstack features     handed over at the text model's entry too, in the features' order (images, then
+                           videos): transformers never joins them (a row with images and a video would join
+                           them through boolean masks: 3 syncs a deepstack layer, and more in the backward)
+
+What still syncs there: with images and a video in one row, Qwen3-VL's forward selects each modality's mask
+at the union of both (``image_mask[visual_pos_masks]``: 2 syncs), before anything of ours can run.
 
 Values and gradients are bit-identical to the original (``parity_tests/test_host_meta.py``). A release whose
 ``get_*_features`` return no ``pooler_output`` (4.57) keeps its ``masked_scatter`` gradient, sync included.
@@ -66,7 +72,8 @@ def deepstack(original: Callable, state: PatchState) -> Callable:
 
     @functools.wraps(original)
     def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
-        index = state.visual_index
+        # handed over at the text model's entry: in the features' order; else transformers' join, by position
+        index = state.modality_index if state.deepstack_handed else state.visual_index
         if index is None or hidden_states.shape[0] != 1 or index.numel() != visual_embeds.shape[0]:
             return original(self, hidden_states, visual_pos_masks, visual_embeds)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -99,7 +106,12 @@ def features(original: Callable, state: PatchState) -> Callable:
             out.pooler_output = type(live)(t.detach() for t in live)
         else:
             return out  # not the 5.x output: the original masked_scatter gradient, as unpatched
-        state.pending.append((out, live))
+        deep = getattr(out, "deepstack_features", None)
+        if state.deepstack_by_hand and isinstance(deep, list) and deep:
+            out.deepstack_features = []  # the forward joins nothing; they go in at the text model's entry
+        else:
+            deep = None
+        state.pending.append((out, live, deep))
         return out
 
     setattr(get_features, _WRAPPED, original)
@@ -137,7 +149,7 @@ def _reattach_hook(state: PatchState):
             return None
         embeds = kwargs.get("inputs_embeds")
         index = state.modality_index
-        live = torch.cat([_flat(live) for _, live in state.pending], dim=0)
+        live = torch.cat([_flat(live) for _, live, _ in state.pending], dim=0)
         if not isinstance(embeds, torch.Tensor) or index is None or index.numel() != live.shape[0]:
             got = "no inputs_embeds" if not isinstance(embeds, torch.Tensor) else f"{live.shape[0]} feature rows"
             raise RuntimeError(
@@ -145,6 +157,13 @@ def _reattach_hook(state: PatchState):
                 f"{0 if index is None else index.numel()} placeholder positions); nothing was trained on this batch"
             )
         kwargs["inputs_embeds"] = _Reattach.apply(embeds, index.to(embeds.device), live)
+        deep = [d for _, _, d in state.pending if d is not None]
+        if deep:
+            if len(deep) != len(state.pending) or len({len(d) for d in deep}) != 1:
+                raise RuntimeError(f"qwenvl: deepstack features of {len(deep)} of {len(state.pending)} vision outputs")
+            # per deepstack layer: every modality's features, in the features' order (``modality_index``'s)
+            kwargs["deepstack_visual_embeds"] = [torch.cat([_flat(t) for t in layer], dim=0) for layer in zip(*deep)]
+            state.deepstack_handed = True
         return args, kwargs
 
     return hook
@@ -158,16 +177,22 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
     if text is None or state.modality_index is None or state.reattach_open:
         yield
         return
-    state.reattach_open, state.reattached = True, False
+    state.reattach_open, state.reattached, state.deepstack_handed = True, False, False
+    # deepstack features are handed over only to a text model that takes them and adds them by index
+    state.deepstack_by_hand = "deepstack_visual_embeds" in inspect.signature(type(text).forward).parameters and (
+        getattr(type(text)._deepstack_process, _WRAPPED, None) is not None if hasattr(type(text), "_deepstack_process") else False
+    )
     handle = text.register_forward_pre_hook(_reattach_hook(state), with_kwargs=True, prepend=True)
     try:
         yield
     finally:
         handle.remove()
-        state.reattach_open = False
+        state.reattach_open = state.deepstack_by_hand = state.deepstack_handed = False
         pending, state.pending = state.pending, []
-        for out, live in pending:  # the returned outputs hold the live features again, as unpatched
+        for out, live, deep in pending:  # the returned outputs hold the live features again, as unpatched
             out.pooler_output = live
+            if deep is not None:
+                out.deepstack_features = deep
     if pending and not state.reattached:
         raise RuntimeError(
             f"qwenvl: {type(model).__name__}.forward never handed its vision features to the text model; their "
