@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# First GPU call of a session: install, name the card, the SDPA yardstick draw, the sync-focused tests, the
-# whole-step sync counts, then the whole CUDA suite (issue 16 run 1). Everything lands in $OUT.
+# One GPU call of a session (<= 600 s): install, name the card, the focused tests (attention yardsticks, host
+# syncs, video lengths), the whole CUDA suite (issue 16), the whole-step sync table at 8 text layers and, time
+# permitting, the full-depth Qwen2.5-VL-3B rows (issue 19). Everything lands in $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
@@ -9,7 +10,10 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 60 python3 scripts/sdpa_draw.py 2>&1 | tail -30 | tee "$OUT/sdpa_draw.txt"
-timeout 150 python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE parity_tests/test_host_meta.py parity_tests/test_attention.py 2>&1 | tail -30 | tee "$OUT/pytest-focus.txt"
-timeout ${BENCH_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed --methods ours ours-nohost ours+compile padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -30 | tee "$OUT/syncs.txt"
-timeout ${SUITE_S:-200} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE parity_tests 2>&1 | tail -60 | tee "$OUT/suite1.txt"
+timeout ${FOCUS_S:-80} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/focus.xml" \
+  parity_tests/test_host_meta.py parity_tests/test_attention.py parity_tests/test_video_lengths.py 2>&1 | tail -25 | tee "$OUT/pytest-focus.txt"
+timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE parity_tests 2>&1 | tail -40 | tee "$OUT/suite.txt"
+timeout ${BENCH_S:-140} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed \
+  --methods ours ours+compile ours+compile+fusedce padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
+timeout ${FULL_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl --mixes images-12x448 --text-layers 0 \
+  --methods ours ours+compile+fusedce ours+compile padded --warmup 2 --iters 3 --out "$OUT/full-depth.json" 2>&1 | tail -10 | tee "$OUT/full-depth.txt"
