@@ -67,6 +67,7 @@ def test_compiled_vision_blocks_take_the_collators_boundaries(monkeypatch):
     import qwenvl.attention._compiled as compiled
     from qwenvl.packing import HOST_KEY
 
+    torch._dynamo.reset()  # a fresh compile: a worker's earlier tests may have used up the recompile limit (eager then)
     read: list[int] = []
     real = compiled._read_back
     monkeypatch.setattr(compiled, "_read_back", lambda cu: read.append(cu.numel()) or real(cu))
