@@ -29,17 +29,10 @@ VISION_FAMILIES = tuple(FAMILIES)
 SPECS = (SampleSpec(text=7, image=(4, 6)), SampleSpec(text=5), SampleSpec(text=3, video=(2, 4, 4)), SampleSpec(text=4, image=(2, 2)))
 
 # What transformers still does with the device's data where our code cannot reach, by family, over the rows of
-# SPECS (``split_by_media``: one row of all four samples, GLM-4V an image row and a video row):
-# - Qwen3-VL: its forward selects each modality's mask at the union of both when a row holds images and a video
-#   (``image_mask[visual_pos_masks]``, 2; qwenvl.patches._visual);
-# - GLM-4V: its tower reads grid_thw on the device (FamilySpec.tower_reads_grid), so get_image_features' and
-#   get_video_features' split sizes (.tolist(), 1 each) and the video's frame expansion (repeat_interleave) do.
-UPSTREAM_DATA_DEPENDENT = {
-    "qwen3_vl": [("index", 2)],
-    "qwen3_vl_moe": [("index", 2)],
-    "glm4v": [("repeat_interleave", 1), ("tolist", 2)],
-    "glm4v_moe": [("repeat_interleave", 1), ("tolist", 2)],
-}
+# SPECS (``split_by_media``: one row of all four samples; GLM-4V an image row and a video row). Qwen3-VL: its
+# forward selects each modality's mask at the union of both when a row holds images and a video
+# (``image_mask[visual_pos_masks]``, 2; qwenvl.patches._visual).
+UPSTREAM_DATA_DEPENDENT = {"qwen3_vl": [("index", 2)], "qwen3_vl_moe": [("index", 2)]}
 
 
 def _model_and_rows(family: str):

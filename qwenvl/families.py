@@ -129,9 +129,11 @@ class FamilySpec:
             harness pins its expert choice to the oracle's (``qwenvl.verify.routing``).
         tokens: the config keys of the layout's special token ids (``SpecialTokens``; GLM-4V names them
             differently, reuses the image placeholder for video frames and wraps a video in its own pair).
-        tower_reads_grid: the vision tower reads ``grid_thw`` on the device even when every input it derives from it
-            comes precomputed (GLM-4V's position-embedding resampling): the grids then go to the device; elsewhere
-            they stay on the host (``qwenvl.data.vision_meta``), which spares the split sizes' host sync.
+        tower_reads_grid: the vision tower class that reads ``grid_thw`` on the device even when every input it
+            derives from it comes precomputed (GLM-4V's position-embedding resampling), or ``None``. The patch hands
+            that class's ``forward`` a device copy of the host grid (``qwenvl.patches._visual.grid_to_device``), so
+            every family's grids stay on the host (``qwenvl.data.vision_meta``) and the split sizes computed from
+            them need no host sync.
         release_bugs: what some releases cannot run at all for this family, unpatched (``ReleaseBug``): the
             harness refuses those inputs naming the bug (``qwenvl.release_bugs.UpstreamLimit``) and the tests
             skip them, instead of a crash deep inside transformers.
@@ -157,7 +159,7 @@ class FamilySpec:
     linear_attention_masks: tuple[str, ...] = ()
     moe_block: str | None = None
     tokens: SpecialTokens = SpecialTokens()
-    tower_reads_grid: bool = False
+    tower_reads_grid: str | None = None
     release_bugs: tuple[ReleaseBug, ...] = ()
 
     def __post_init__(self) -> None:
@@ -314,7 +316,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
-        tower_reads_grid=True,
+        tower_reads_grid="Glm4vVisionModel",
         release_bugs=glm_bugs("Glm4v"),
     ),
     FamilySpec(
@@ -331,7 +333,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         projectors=("merger", "downsample"),
         video_group_spans=True,
         tokens=_GLM_TOKENS,
-        tower_reads_grid=True,
+        tower_reads_grid="Glm4vMoeVisionModel",
         release_bugs=glm_bugs("Glm4vMoe") + GLM_MOE_BUGS,
     ),
     # Qwen3-Omni-MoE's thinker: the part that reads text, images, videos (and audio) and writes text; the talker

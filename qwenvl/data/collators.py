@@ -155,8 +155,7 @@ class PackedCollator:
                 kwargs, offsets = self.vision.kwargs(modality, grid)
                 batch.update(kwargs)
                 vision.update(offsets)
-                if self.vision.grid_on_host:
-                    grids[f"{modality}_grid_thw"] = grid
+                grids[f"{modality}_grid_thw"] = grid
         return HostMeta(tuple(cu_seqlens.tolist()), vision, grids, int(padding), checked)
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:

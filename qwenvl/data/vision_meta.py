@@ -46,7 +46,6 @@ class VisionPreamble:
     merge: int
     window: tuple[int, int, int] | None = None  # (spatial_merge_size, window_size, patch_size): Qwen2.5-VL
     interpolation: tuple[int, str, bool] | None = None  # (num_grid_per_side, mode, align_corners)
-    grid_on_host: bool = True  # the tower reads nothing else from grid_thw: the grids may stay on the host
     config: object = field(default=None, compare=False, repr=False)  # the model's config: its placeholder token ids
 
     @classmethod
@@ -66,7 +65,7 @@ class VisionPreamble:
         interpolation = None
         if hasattr(module, "get_vision_interpolation_indices_and_weights") and hasattr(tower, "num_grid_per_side"):
             interpolation = (int(tower.num_grid_per_side), str(tower.interpolation_mode), bool(tower.interpolation_align_corners))
-        return cls(int(tower.spatial_merge_size), window, interpolation, not spec.tower_reads_grid, model.config)
+        return cls(int(tower.spatial_merge_size), window, interpolation, model.config)
 
     def check_placeholders(self, input_ids_1T: torch.Tensor, grids: dict[str, torch.Tensor]) -> torch.Tensor:
         """That the row holds as many placeholder tokens of each modality as its grids give features, checked on

@@ -209,6 +209,9 @@ def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.Pa
                 recorder.setattr(cls, name, _visual.features(getattr(cls, name), state))
     for cls in _deepstack_classes(module):
         recorder.setattr(cls, "_deepstack_process", _visual.deepstack(cls._deepstack_process, state))
+    if spec.tower_reads_grid is not None:  # the grids stay on the host: this tower gets its device copy
+        tower = getattr(module, spec.tower_reads_grid)
+        recorder.setattr(tower, "forward", _visual.grid_to_device(tower.forward))
     for name in spec.mask_builders:
         recorder.setattr(module, name, _dispatch.mask_builder(getattr(module, name)))
     recorder.setattr(

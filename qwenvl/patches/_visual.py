@@ -41,7 +41,7 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
 
-__all__ = ["placeholder_mask", "deepstack", "features", "reattaching"]
+__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "grid_to_device"]
 
 
 def placeholder_mask(original: Callable, state: PatchState) -> Callable:
@@ -116,6 +116,21 @@ def features(original: Callable, state: PatchState) -> Callable:
 
     setattr(get_features, _WRAPPED, original)
     return get_features
+
+
+def grid_to_device(original: Callable) -> Callable:
+    """Wrap a vision tower's ``forward(hidden_states, grid_thw, ...)`` that reads ``grid_thw`` on the device
+    (``FamilySpec.tower_reads_grid``): a host grid (the collator's, ``HostMeta.grids``) is copied there without
+    waiting; everything before the tower (split sizes, GLM-4V's frame expansion) read it on the host."""
+
+    @functools.wraps(original)
+    def forward(self, hidden_states, grid_thw, *args, **kwargs):
+        if isinstance(grid_thw, torch.Tensor) and grid_thw.device != hidden_states.device:
+            grid_thw = grid_thw.to(hidden_states.device, non_blocking=True)
+        return original(self, hidden_states, grid_thw, *args, **kwargs)
+
+    setattr(forward, _WRAPPED, original)
+    return forward
 
 
 class _Reattach(torch.autograd.Function):
