@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
@@ -219,6 +218,7 @@ def time_steps(model, inputs, ctx, *, warmup, iters):
     """Median seconds of a forward + backward step on ``inputs`` (host tensors) under ``ctx``, the peak GiB, and the
     host syncs of one untimed step after the warm-up (each the line that made it). ``upstream_step.py`` uses it too."""
     from qwenvl.data import to_device
+    from qwenvl.host_syncs import recording_host_syncs
 
     # Pinned once, as the DataLoader's pinning thread does off the step; each step copies without waiting.
     inputs = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -229,14 +229,8 @@ def time_steps(model, inputs, ctx, *, warmup, iters):
             model.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             if i == warmup:  # one step under the sync detector (not timed itself)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
-                        model(**to_device(inputs, "cuda"), use_cache=False).loss.backward()
-                    finally:
-                        torch.cuda.set_sync_debug_mode(0)
-                sites = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+                with recording_host_syncs() as sites:
+                    model(**to_device(inputs, "cuda"), use_cache=False).loss.backward()
                 torch.cuda.synchronize()
                 continue
             start = time.perf_counter()
@@ -246,14 +240,6 @@ def time_steps(model, inputs, ctx, *, warmup, iters):
                 times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, sites
-
-
-def _short(site: str) -> str:
-    """``transformers/models/qwen2_vl/modeling_qwen2_vl.py:1026`` rather than the whole path."""
-    for anchor in ("/transformers/", "/qwenvl/", "/torch/", "/fla/", "/liger_kernel/"):
-        if anchor in site:
-            return anchor.strip("/") + "/" + site.split(anchor, 1)[1]
-    return site
 
 
 def save_batch(folder, name, mix, model, samples, text_layers, *, tokens, flops) -> None:
@@ -311,7 +297,7 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
         base = base or seconds
         rows.append({"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
                      "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": flops / seconds / peak if peak else None,
-                     "host_syncs": len(sites), "sync_sites": dict(Counter(_short(s) for s in sites)),
+                     "host_syncs": len(sites), "sync_sites": dict(Counter(s for s in sites)),
                      "speedup_vs_ours": base / seconds})
         _print_row(rows[-1])
         gc.collect()

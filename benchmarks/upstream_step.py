@@ -154,7 +154,7 @@ def _row(saved: dict, model, *, warmup: int, iters: int) -> dict:
     return {"model": saved["model"], "mix": saved["mix"], "method": METHOD, "tokens": saved["tokens"], "ms": seconds * 1e3,
             "tokens_per_s": saved["tokens"] / seconds, "peak_gib": gib,
             "mfu": saved["flops"] / seconds / peak if peak else None, "host_syncs": len(sites),
-            "sync_sites": dict(Counter(model_step._short(s) for s in sites))}
+            "sync_sites": dict(Counter(sites))}
 
 
 def _batches(folder: Path, models, mixes) -> list[dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
@@ -119,11 +118,6 @@ def test_no_boundary_is_read_back_from_a_tensor_with_the_host_metadata(family, m
     assert read_back, "the spy must see the boundaries read back without the host metadata"
 
 
-def _sync_sites(caught) -> list[str]:
-    """Where each recorded host sync came from: ``file:line`` of the Python call that made it."""
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True], ids=["loss", "fused_loss"])
 @pytest.mark.parametrize("convention", ["upstream", "hf_positions"])
@@ -133,9 +127,8 @@ def test_training_step_host_syncs(device, family, convention, fused, record_prop
     the GPU as the trainer moves it: neither qwenvl nor the vision tower's preamble waits on the device. What
     transformers itself still syncs on (the placeholder check, the split sizes, masked_scatter's backward, deepstack
     masks, MoE dispatch) is recorded by site (``record_property``: the JUnit report, docs/benchmarks.md)."""
-    import warnings
-
     from qwenvl.data import to_device
+    from qwenvl.host_syncs import recording_host_syncs
     from qwenvl.patches._loss import liger_problem
 
     if fused and liger_problem() is not None:
@@ -150,18 +143,12 @@ def test_training_step_host_syncs(device, family, convention, fused, record_prop
             for attempt in ("warm-up", "measured"):
                 batch = to_device(inputs, device)
                 torch.cuda.synchronize()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
-                        model(**batch).loss.backward()
-                    finally:
-                        torch.cuda.set_sync_debug_mode("default")
+                with recording_host_syncs() as caught:
+                    model(**batch).loss.backward()
                 model.zero_grad(set_to_none=True)
-            sites += _sync_sites(caught)
+            sites += caught
     record_property("host_sync_sites", sites)
-    package = str(Path(qwenvl.__file__).parent)
-    ours = [s for s in sites if s.startswith(package)]
+    ours = [s for s in sites if s.startswith("qwenvl/")]
     preamble = [s for s in sites if "vision_utils.py" in s] if VisionPreamble.of(model) is not None else []
     assert not ours, f"qwenvl waits on the device at {ours}"
     assert not preamble, f"the vision tower recomputed its inputs at {preamble}"
@@ -411,3 +398,14 @@ def test_a_row_mixing_media_where_one_placeholder_serves_both_is_refused_by_the_
         pytest.skip(f"the collator counts placeholders where transformers takes the tower's inputs ({HOOKS_SINCE}+)")
     with pytest.raises(ValueError, match="glm4v fills images and videos with one placeholder"):
         PackedCollator.for_model(model)(items)
+
+
+def test_sync_sites_are_named_from_the_package_folders():
+    # a virtualenv under a folder named torch, a checkout under one named qwenvl: each site keeps its own package
+    from qwenvl.host_syncs import short_site
+
+    venv = "/opt/torch/.venv/lib/python3.12/site-packages"
+    assert short_site(f"{venv}/torch/cuda/__init__.py:1270") == "torch/cuda/__init__.py:1270"
+    assert short_site(f"{venv}/transformers/models/glm4v/modeling_glm4v.py:9") == "transformers/models/glm4v/modeling_glm4v.py:9"
+    assert short_site("/src/qwenvl/qwenvl/patches/_visual.py:3") == "qwenvl/patches/_visual.py:3"
+    assert short_site("/src/qwenvl/parity_tests/test_host_meta.py:4") == "parity_tests/test_host_meta.py:4"
