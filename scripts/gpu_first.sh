@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call of a session (<= 600 s): install, name the card, the focused tests (attention yardsticks, host
-# syncs, video lengths), the whole CUDA suite (issue 16), the whole-step sync table at 8 text layers and, time
+# One GPU call of a session (<= 600 s): install, name the card, the whole CUDA suite (issue 16; its JUnit XML holds
+# each family's host-sync sites), the whole-step sync table at 8 text layers and, time
 # permitting, the full-depth Qwen2.5-VL-3B rows (issue 19). Everything lands in $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -10,9 +10,7 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout ${FOCUS_S:-80} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/focus.xml" \
-  parity_tests/test_host_meta.py parity_tests/test_attention.py parity_tests/test_video_lengths.py 2>&1 | tail -25 | tee "$OUT/pytest-focus.txt"
-timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE parity_tests 2>&1 | tail -40 | tee "$OUT/suite.txt"
+timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/suite.xml" parity_tests 2>&1 | tail -40 | tee "$OUT/suite.txt"
 timeout ${BENCH_S:-140} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed \
   --methods ours ours+compile ours+compile+fusedce padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
 timeout ${FULL_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl --mixes images-12x448 --text-layers 0 \
