@@ -10,7 +10,10 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/suite.xml" parity_tests 2>&1 | tail -40 | tee "$OUT/suite.txt"
+# streamed to a file: a run cut short by the device's time limit still leaves its progress and failures there
+timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/suite.xml" parity_tests >"$OUT/suite-full.txt" 2>&1
+tail -40 "$OUT/suite-full.txt"
+[ -n "${SUITE_ONLY:-}" ] && exit 0
 timeout ${BENCH_S:-140} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed \
   --methods ours ours+compile ours+compile+fusedce padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
 timeout ${FULL_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl --mixes images-12x448 --text-layers 0 \
