@@ -306,8 +306,10 @@ def test_deepstack_adds_by_index_with_the_collators_positions(family, monkeypatc
     assert calls, "without the positions the original deepstack must run"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["loss", "fused_loss"])
+@pytest.mark.parametrize("convention", ["upstream", "hf_positions"])
 @pytest.mark.parametrize("family", VISION_FAMILIES)
-def test_a_training_step_reads_nothing_back_on_the_cpu_either(family):
+def test_a_training_step_reads_nothing_back_on_the_cpu_either(family, convention, fused):
     """The CPU's view of ``test_training_step_host_syncs``: a training step (forward, loss, backward) of each packed
     row with the collator's metadata runs no operator whose result the host must wait for (``DataDependentOps``),
     but for the named upstream ones; without the metadata it runs several (the detector sees them)."""
@@ -321,8 +323,8 @@ def test_a_training_step_reads_nothing_back_on_the_cpu_either(family):
     _preamble_or_skip(model)
     seen = Counter()
     for row in rows:
-        inputs = row.model_inputs("upstream")
-        with qwenvl.patch(model, backend="sdpa"), DataDependentOps(host=inputs[HOST_KEY].grids.values()) as mode:
+        inputs = row.model_inputs(convention)
+        with qwenvl.patch(model, backend="sdpa", fused_cross_entropy=fused), DataDependentOps(host=inputs[HOST_KEY].grids.values()) as mode:
             model(**inputs, labels=row.labels).loss.backward()
         seen.update(mode.seen)
     by_op = sorted(Counter(op for (op, _), n in seen.items() for _ in range(n)).items())
