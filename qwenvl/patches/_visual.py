@@ -194,8 +194,10 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
         return
     state.reattach_open, state.reattached, state.deepstack_handed = True, False, False
     # deepstack features are handed over only to a text model that takes them and adds them by index
-    state.deepstack_by_hand = "deepstack_visual_embeds" in inspect.signature(type(text).forward).parameters and (
-        getattr(type(text)._deepstack_process, _WRAPPED, None) is not None if hasattr(type(text), "_deepstack_process") else False
+    adds = getattr(type(text), "_deepstack_process", None)
+    state.deepstack_by_hand = (
+        getattr(adds, _WRAPPED, None) is not None
+        and "deepstack_visual_embeds" in inspect.signature(type(text).forward).parameters
     )
     handle = text.register_forward_pre_hook(_reattach_hook(state), with_kwargs=True, prepend=True)
     try:
