@@ -15,7 +15,7 @@ its own process with empty Triton and tilelang caches, and reports:
 
 Usage::
 
-    python benchmarks/fla_shapes.py --out fla-shapes.json [--steps 50] [--pad-to 0 64 512] [--linear-backend fla]
+    python benchmarks/fla_shapes.py --out fla-shapes.json [--steps 50] [--pad-to 0 512 8192] [--linear-backend fla]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def child(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--pad-to", type=int, nargs="+", default=[0, 64, 512], help="pad_to_multiple_of per run; 0: none")
+    p.add_argument("--pad-to", type=int, nargs="+", default=[0, 512, 8192], help="pad_to_multiple_of per run; 0: none; the budget: one shape")
     p.add_argument("--budget", type=int, default=8192, help="tokens per packed row at most (before rounding)")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--linear-backend", default="auto")

@@ -25,6 +25,6 @@ timeout ${TEST_S:-200} python3 -m pytest -p no:cacheprovider --device cuda -q -r
   "parity_tests/test_models.py::test_fla_in_training_equals_each_sample_alone" \
   "parity_tests/test_models.py::test_fla_forward_equals_each_sample_alone" 2>&1 | grep -v "^PASSED" | tail -20 | tee "$OUT/pytest-fla.txt"
 timeout ${VERIFY_S:-120} qwenvl verify --device cuda --family qwen3_5 --linear_backend fla --json "$OUT/verify-fla.json" 2>&1 | tail -15 | tee "$OUT/verify-fla.txt"
-timeout ${SHAPES_S:-150} python3 benchmarks/fla_shapes.py --steps ${STEPS:-30} --pad-to 0 512 --out "$OUT/fla-shapes.json" 2>&1 | tail -8 | tee "$OUT/fla-shapes.txt"
+timeout ${SHAPES_S:-150} python3 benchmarks/fla_shapes.py --steps ${STEPS:-30} --pad-to 0 512 8192 --out "$OUT/fla-shapes.json" 2>&1 | tail -8 | tee "$OUT/fla-shapes.txt"
 timeout ${BENCH_S:-120} python3 benchmarks/model_step.py --models qwen3_5 --mixes text-8k mixed --methods ours ours+compile ours+compile+fusedce padded \
   --warmup 2 --iters 3 --out "$OUT/qwen3_5.json" 2>&1 | tail -12 | tee "$OUT/qwen3_5.txt"
