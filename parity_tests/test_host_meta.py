@@ -335,6 +335,24 @@ def test_a_training_step_reads_nothing_back_on_the_cpu_either(family, convention
     assert mode.seen, "without the collator's metadata the detector must see the tower read its grids back"
 
 
+@pytest.mark.parametrize("linear_backend", ["segments", "batched", "torch"])
+@pytest.mark.parametrize("family", [name for name in VISION_FAMILIES if FAMILIES[name].linear_attention])
+def test_the_linear_attention_paths_read_nothing_back(family, linear_backend):
+    """Every exact Gated DeltaNet path (fla's needs CUDA: its chunk table is built on the host, test_the_host_chunk_
+    table_is_flas) runs a training step without a data-dependent operator (``DataDependentOps``)."""
+    from data_dependent import DataDependentOps
+
+    model, rows = _model_and_rows(family)
+    row = max(rows, key=lambda r: len(r.items))
+    inputs = row.model_inputs("upstream")
+    with qwenvl.patch(model, backend="sdpa", linear_backend=linear_backend), DataDependentOps(host=inputs[HOST_KEY].grids.values()) as mode:
+        model(**inputs, labels=row.labels).loss.backward()
+    assert mode.seen == []
+    with qwenvl.patch(model, backend="sdpa", linear_backend=linear_backend), DataDependentOps() as mode:
+        model(**row.model_inputs("upstream", host=False), labels=row.labels).loss.backward()
+    assert mode.seen, "without the collator's metadata the boundaries are read back (the detector must see it)"
+
+
 @pytest.mark.parametrize("family", VISION_FAMILIES)
 def test_the_features_gradient_is_gathered_by_index_not_masked_select(family, monkeypatch):
     """With the collator's positions, ``masked_scatter`` gets the vision features detached (its backward would
