@@ -306,6 +306,33 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),),
         (LINEAR, "parity_tests/test_golden.py::test_installed_release_matches_the_goldens"),
     ),
+    Mutation(
+        "deepstack_added_in_position_order",
+        "deepstack features handed over in the features' order (images, then videos) added at ascending positions",
+        "qwenvl/patches/_visual.py",
+        ((
+            "        index = state.modality_index if state.deepstack_handed else state.visual_index",
+            "        index = state.visual_index",
+        ),),
+        ("parity_tests/test_host_meta.py::test_precomputed_vision_inputs_are_the_towers_own",),
+    ),
+    Mutation(
+        "tf32_rounding_truncates",
+        "the 3xTF32 yardstick's TF32 rounding truncates instead of rounding to nearest",
+        "qwenvl/reference/attention.py",
+        (("    return ((bits + 0x1000) & -0x2000).view(torch.float32)", "    return (bits & -0x2000).view(torch.float32)"),),
+        ("parity_tests/test_attention.py::test_tf32_rounding_is_to_nearest_ties_away",),
+    ),
+    Mutation(
+        "compiled_tower_reads_boundaries_back",
+        "compiled vision blocks never get the collator's boundaries: a host sync per cu_seqlens",
+        "qwenvl/patches/_dispatch.py",
+        ((
+            "        if host_offsets is not None:  # compiled vision blocks read their boundaries from there, no sync",
+            "        if False:  # compiled vision blocks read their boundaries from there, no sync",
+        ),),
+        ("parity_tests/test_compile.py::test_compiled_vision_blocks_take_the_collators_boundaries",),
+    ),
 )
 
 
