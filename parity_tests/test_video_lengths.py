@@ -109,3 +109,33 @@ def test_video_lengths_from_headers_equal_processed_lengths(family, tmp_path_fac
     assert header.skipped == processed.skipped
     for index in range(len(header)):
         assert header[index]["input_ids"].numel() == header.lengths[index]
+
+
+def test_a_video_the_rule_cannot_count_is_processed_not_refused(tmp_path, monkeypatch):
+    """Where the rule has no count for a video (5.17's helper counts no temporal patch for one frame: NoFrameCount
+    from the rule itself), the row is processed in full as without the rule, never skipped as bad."""
+    import qwenvl.data.video_lengths as video_lengths
+
+    _rule_or_skip("qwen2_5_vl")
+    write_mp4(tmp_path / "one.mp4", 1, 1, 64, 64)
+    rows = [{"video": "one.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A square."}]}]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    processor, model = _load("qwen2_5_vl")
+
+    def build(**kwargs):
+        return SupervisedDataset(
+            str(tmp_path / "data.json"), processor, model=model, model_max_length=100_000, skip_bad_samples=True,
+            length_cache=False, **kwargs,
+        )
+
+    real = video_lengths.VideoRule.replacement
+
+    def uncountable(self, metadata):  # the probe's videos still counted, so the rule is taken
+        if metadata.total_num_frames == 1:
+            raise video_lengths.NoFrameCount("1 frame(s): this release's get_num_of_video_patches counts no temporal patch")
+        return real(self, metadata)
+
+    monkeypatch.setattr(video_lengths.VideoRule, "replacement", uncountable)
+    header = build()
+    assert header._video_rule is not None and header.skipped == []
+    assert header.lengths == build(header_lengths=False).lengths

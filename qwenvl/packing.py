@@ -164,7 +164,9 @@ class HostMeta:
 
         offsets   the batch's sample boundaries (its cu_seqlens, as a tuple)
         vision    for each vision cu_seqlens kwarg the batch carries (``image_cu_seqlens``, ...), its boundaries
-        grids     host copies of the grid kwargs, where the tower reads nothing else from them
+        grids     host copies of the grid kwargs: what the model computes from them before its tower (split
+                  sizes, GLM-4V's frame expansion) stays on the host; a tower that reads them on the device gets
+                  its own copy (``FamilySpec.tower_reads_grid``)
         padding   the tokens of a trailing filler segment (a row padded to a stable length), 0 when none
         placeholders_checked  each modality's placeholder tokens counted against its features here: the model's
                   own check (a host sync per modality) is skipped

@@ -291,15 +291,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def _admit_video_by_header(self, row: _Row, text: str | None) -> tuple[_Row, int, bool]:
         """A video row (no images): its text expanded as the processor expands it, from each container's header."""
-        try:
-            metadata = [container_metadata(row.ref, path) for path in row.videos]
-        except NoFrameCount:  # nothing to count by: let the processor say
-            item, truncated = self._process(row)
-            return row, int(item["input_ids"].numel()), truncated
         if text is None:
             text = self.processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
+        try:
+            metadata = [container_metadata(row.ref, path) for path in row.videos]
+            expanded = self._video_rule.expand(text, metadata)
+        except NoFrameCount:  # nothing to count by (no header count, or too few frames for the rule): processed
+            item, truncated = self._process(row)
+            return row, int(item["input_ids"].numel()), truncated
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        ids = tokenizer(self._video_rule.expand(text, metadata), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
         vision = _vision_token_ids(self.model)
         last_vision = max((j for j, token in enumerate(ids) if token in vision), default=-1)
         return self._judged(row, ids, range(len(ids)), len(ids), last_vision)

@@ -75,6 +75,12 @@ def deepstack(original: Callable, state: PatchState) -> Callable:
         # handed over at the text model's entry: in the features' order; else transformers' join, by position
         index = state.modality_index if state.deepstack_handed else state.visual_index
         if index is None or hidden_states.shape[0] != 1 or index.numel() != visual_embeds.shape[0]:
+            if state.deepstack_handed:  # features' order: the original's position-order mask would misplace them
+                raise RuntimeError(
+                    f"qwenvl: deepstack features handed over for {0 if index is None else index.numel()} placeholder "
+                    f"positions of one packed row, got {visual_embeds.shape[0]} rows for hidden states "
+                    f"{tuple(hidden_states.shape)}"
+                )
             return original(self, hidden_states, visual_pos_masks, visual_embeds)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         added = flat.index_add(0, index.to(flat.device), visual_embeds.to(flat.device, flat.dtype))
