@@ -90,6 +90,8 @@ class FamilySpec:
             registered with ``AutoConfig`` under ``name``).
         entry_classes: model classes whose ``forward`` takes a packed batch (outermost first; the first is the
             one the fixtures build).
+        newer_entry_classes: entry classes only some releases have (patched where the module has them:
+            ``entry_classes_in``), e.g. the Qwen3-Omni thinker's inner model, which holds its text model on 5.25.
         text_attention: the text attention class (causal).
         vision_attention: the vision attention class (non-causal, builds its own cu_seqlens).
         mask_builders: module globals that build the text attention masks.
@@ -160,6 +162,7 @@ class FamilySpec:
     moe_block: str | None = None
     tokens: SpecialTokens = SpecialTokens()
     tower_reads_grid: str | None = None
+    newer_entry_classes: tuple[str, ...] = ()
     release_bugs: tuple[ReleaseBug, ...] = ()
 
     def __post_init__(self) -> None:
@@ -207,6 +210,11 @@ class FamilySpec:
             if bug.what == what and bug.applies(version):
                 return f"transformers {version}: {bug.bug}"
         return None
+
+    def entry_classes_in(self, module) -> tuple[str, ...]:
+        """The entry classes to patch in ``module`` (the installed release's modeling module): every one of
+        ``entry_classes`` and those of ``newer_entry_classes`` it has."""
+        return self.entry_classes + tuple(name for name in self.newer_entry_classes if hasattr(module, name))
 
     def vision_tower_in(self, model):
         """``model``'s vision tower: its first submodule named ``vision_tower``, or ``None``."""
@@ -344,6 +352,7 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
         config_class="Qwen3OmniMoeThinkerConfig",
         entry_classes=("Qwen3OmniMoeThinkerForConditionalGeneration",),
+        newer_entry_classes=("Qwen3OmniMoeThinkerModel",),
         text_attention="Qwen3OmniMoeThinkerTextAttention",
         vision_attention="Qwen3OmniMoeVisionAttention",
         mask_builders=("create_causal_mask",),

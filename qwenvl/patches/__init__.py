@@ -140,7 +140,7 @@ def _check_family(spec: FamilySpec) -> list[str]:
             problems.append(f"{spec.module}.{name} is missing")
     if not hasattr(getattr(module, "ALL_ATTENTION_FUNCTIONS", None), "__getitem__"):
         problems.append(f"{spec.module}.ALL_ATTENTION_FUNCTIONS is missing")
-    for cls_name in spec.entry_classes:
+    for cls_name in spec.entry_classes_in(module):
         cls = getattr(module, cls_name, None)
         if cls is None:
             problems.append(f"{spec.module}.{cls_name} is missing")
@@ -170,7 +170,7 @@ def _check_family(spec: FamilySpec) -> list[str]:
         if fn is None:
             # A release whose entry classes compute no router loss (GLM-4V-MoE on 4.57) has none to patch; one
             # whose entry classes still call it but no longer define it as a module global has moved it: refuse.
-            if any(spec.aux_loss in _source(getattr(module, c)) for c in spec.entry_classes if hasattr(module, c)):
+            if any(spec.aux_loss in _source(getattr(module, c)) for c in spec.entry_classes_in(module)):
                 problems.append(f"{spec.module}.{spec.aux_loss} is missing")
         elif "attention_mask" not in inspect.signature(fn).parameters:
             problems.append(f"{spec.aux_loss} has no attention_mask parameter")
@@ -198,7 +198,7 @@ def _deepstack_classes(module) -> list[type]:
 
 def _apply_family(spec: FamilySpec, recorder: PatchRecorder, state: _dispatch.PatchState) -> None:
     module = spec.import_module()
-    for cls_name in spec.entry_classes:
+    for cls_name in spec.entry_classes_in(module):
         cls = getattr(module, cls_name)
         recorder.setattr(cls, "forward", _dispatch.entry_forward(cls.forward, state))
         # The vision features' way in, by the collator's positions where it sent them (qwenvl.patches._visual).
