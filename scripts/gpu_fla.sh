@@ -6,6 +6,14 @@
 #   PART=b  carry .whl_fb (tilelang.part.ab, z3-solver, fla-core, flash-linear-attention): joined, installed into
 #           /tmp/fla-site, then the fla parity tests, qwenvl verify with fla in training, the compilation counts
 #           (benchmarks/fla_shapes.py) and the Qwen3.5 step table, with and without fla.
+# The two folders are git-excluded; to make them again, here (pip works here, not there):
+#   echo /.whl_fa/ >> .git/info/exclude; echo /.whl_fb/ >> .git/info/exclude; mkdir -p .whl_fa .whl_fb /tmp/w
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d /tmp/w tilelang==0.1.15 \
+#     apache-tvm-ffi==0.1.12 torch-c-dlpack-ext==0.1.5 z3-solver==4.15.4.0 fla-core==0.6.0 flash-linear-attention==0.6.0
+#   split -b 40000000 /tmp/w/tilelang-*.whl .whl_fa/tilelang.part. && mv .whl_fa/tilelang.part.ab .whl_fb/
+#   cp /tmp/w/apache_tvm_ffi-* /tmp/w/torch_c_dlpack_ext-* .whl_fa/ && cp /tmp/w/z3_solver-* /tmp/w/fla_core-* /tmp/w/flash_linear_attention-* .whl_fb/
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT" /tmp/fla-wheels
 if [ "${PART:-a}" = a ]; then
