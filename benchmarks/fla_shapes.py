@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be at least 2 (the first step compiles, the rest give the median), got {args.steps}")
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return 0

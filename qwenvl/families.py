@@ -380,6 +380,11 @@ def get_family(name: str) -> FamilySpec:
         ) from None
 
 
+def base_model(model):
+    """The model inside a PEFT wrapper (``get_base_model()``), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def family_of_model(model) -> FamilySpec:
     """The family of a model instance (or a PEFT wrapper around one), from its config's model_type."""
     config = getattr(model, "config", None)

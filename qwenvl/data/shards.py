@@ -69,13 +69,18 @@ class Shard:
 
 
 @dataclass
-class JsonShard(Shard):
+class FileShard(Shard):
+    """A shard that is one file: named by its path."""
+
     path: Path
 
     @property
     def name(self) -> str:
         return str(self.path)
 
+
+@dataclass
+class JsonShard(FileShard):
     def rows(self, start: int, scratch: Path) -> Iterator[RowItem]:
         if self.path.suffix == ".json":  # a JSON list: read whole, as the map-style dataset does
             from qwenvl.data.rows import _load_file
@@ -99,13 +104,7 @@ class JsonShard(Shard):
 
 
 @dataclass
-class ParquetShard(Shard):
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
+class ParquetShard(FileShard):
     def rows(self, start: int, scratch: Path) -> Iterator[RowItem]:
         try:
             import pyarrow.parquet as pq
@@ -129,13 +128,7 @@ def _key_and_ext(member: str) -> tuple[str, str]:
 
 
 @dataclass
-class TarShard(Shard):
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
+class TarShard(FileShard):
     def rows(self, start: int, scratch: Path) -> Iterator[RowItem]:
         with tarfile.open(self.path) as tar:
             for index, (key, members) in enumerate(_tar_samples(tar)):

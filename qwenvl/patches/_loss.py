@@ -105,8 +105,9 @@ def _output_head(model) -> torch.nn.Linear:
 def install_fused_loss(model, recorder, *, aux_coef_key: str | None) -> None:
     """Wrap ``model.forward`` (the instance's, recorded for undo) with the fused loss."""
     from qwenvl.patches._dispatch import packed_meta_from_inputs
+    from qwenvl.families import base_model
 
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = base_model(model)
     head = _output_head(target)
     device = head.weight.device
     if device.type == "cuda" and liger_problem() is not None:

@@ -53,12 +53,12 @@ def map_style_rows(data_path: str, processor, model, data_args, training_args, s
 def _samples(data_path: str, processor, model, data_args, training_args, skip_bad: bool):
     """The checked samples (``SupervisedDataset``) of the base model (under LoRA, the wrapped one)."""
     from qwenvl.data import SupervisedDataset
+    from qwenvl.families import base_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return SupervisedDataset(
         data_path,
         processor,
-        model=base,
+        model=base_model(model),
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncate,
         skip_bad_samples=skip_bad,

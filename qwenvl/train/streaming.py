@@ -54,12 +54,13 @@ def streaming_rows(data_path: str, processor, model, data_args, training_args, s
     """``(train_dataset, collator, summary)`` for ``--streaming``: a ``StreamingDataset`` reading this rank's shards."""
     from qwenvl.data import PackedCollator
     from qwenvl.data.streaming import StreamingDataset
+    from qwenvl.families import base_model
 
     budget = data_args.pack_budget or data_args.model_max_length
     dataset = StreamingDataset(
         data_path,
         processor,
-        model=model.get_base_model() if hasattr(model, "get_base_model") else model,
+        model=base_model(model),
         budget=budget,
         model_max_length=data_args.model_max_length,
         truncate=data_args.truncate,
