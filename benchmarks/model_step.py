@@ -11,6 +11,10 @@ attention layer) for the packed-vs-padded comparison. Every method runs the same
     ours+fusedce          qwenvl.patch(model, fused_cross_entropy=True): Liger-Kernel's fused loss, no logits
     ours+compile          qwenvl.patch(model, compile=True): regional compilation
     ours+compile+fusedce  ... and fused_cross_entropy=True (Liger-Kernel)
+    ours+compile+graphs   regional compilation with the text layers as CUDA graphs (torch.compile's
+                          "reduce-overhead"; the vision regions as ours+compile), the row padded to a multiple of
+                          GRAPH_MULTIPLE tokens with a masked segment: one text shape per budget (issue 19's question
+                          whether CUDA graphs win; the same row each step, so their best case)
     native-packed         unpatched transformers, 4-row positions (its own packed path; sdpa)
     padded                unpatched transformers, one sample per row padded to the longest (sdpa)
     upstream-4.57         upstream's trainer.py patch on transformers 4.57.6, in its own process on the same
@@ -48,7 +52,8 @@ import time
 import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}
-UPSTREAM = "upstream-4.57"  # run by upstream_step.py in its own process, on transformers 4.57.6
+UPSTREAM = "upstream-4.57"
+GRAPH_MULTIPLE = 2048  # ours+compile+graphs: rows padded to a multiple of this many tokens  # run by upstream_step.py in its own process, on transformers 4.57.6
 
 VOCAB = 151_936
 CONFIGS = {
@@ -139,13 +144,15 @@ def _labels(ids):
     return ids.clone()
 
 
-def packed_inputs(model, samples, convention, *, host=True):
-    """The collator's packed row on the host (moved per step by ``to_device``), labels included."""
+def packed_inputs(model, samples, convention, *, host=True, pad_to_multiple_of=None):
+    """The collator's packed row on the host (moved per step by ``to_device``), labels included (the padding's
+    ignored)."""
     from qwenvl.verify.batches import pack
 
     batch = pack(model, samples).with_pixels(torch.bfloat16)
-    inputs = batch.model_inputs(convention, host=host)
-    inputs["labels"] = batch.labels
+    inputs = batch.model_inputs(convention, host=host, pad_to_multiple_of=pad_to_multiple_of)
+    pad = inputs["input_ids"].shape[-1] - batch.labels.shape[-1]
+    inputs["labels"] = torch.nn.functional.pad(batch.labels, (0, pad), value=-100)
     _add_token_types(model, inputs)
     return inputs
 
@@ -198,6 +205,9 @@ def method_inputs(model, method, samples):
     if method in patch_kwargs:
         ctx = qwenvl.patch(model, **patch_kwargs[method])
         inputs = packed_inputs(model, samples, "upstream")
+    elif method == "ours+compile+graphs":
+        ctx = _graphs_patch(model)
+        inputs = packed_inputs(model, samples, "upstream", pad_to_multiple_of=GRAPH_MULTIPLE)
     elif method == "ours-nohost":
         ctx, inputs = qwenvl.patch(model), packed_inputs(model, samples, "upstream", host=False)
     elif method == "native-packed":
@@ -207,6 +217,27 @@ def method_inputs(model, method, samples):
     else:
         raise ValueError(method)
     return ctx, inputs
+
+
+@contextlib.contextmanager
+def _graphs_patch(model):
+    """``qwenvl.patch(model)`` with every region compiled, the text layers in torch.compile's "reduce-overhead" mode
+    (CUDA graphs, one per text shape), the vision tower's regions in the default mode (their patch counts vary)."""
+    import qwenvl
+    from qwenvl.families import family_of_model
+    from qwenvl.patches._compile import compile_regions
+    from qwenvl.patches._handle import PatchRecorder
+
+    spec = family_of_model(model)
+    tower = {id(m) for m in spec.vision_tower_in(model).modules()}
+    recorder = PatchRecorder()
+    with qwenvl.patch(model):
+        compile_regions(model, recorder, linear_class=spec.linear_attention, spec=spec,
+                        mode=lambda region: None if id(region) in tower else "reduce-overhead")
+        try:
+            yield
+        finally:
+            recorder.undo()
 
 
 def run_method(model, method, samples, *, warmup, iters):
@@ -227,6 +258,7 @@ def time_steps(model, inputs, ctx, *, warmup, iters):
     with ctx:
         for i in range(warmup + iters):
             model.zero_grad(set_to_none=True)
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph rows (ours+compile+graphs)
             torch.cuda.synchronize()
             if i == warmup:  # one step under the sync detector (not timed itself)
                 with recording_host_syncs() as sites:
@@ -287,6 +319,9 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
         save_batch(folder, name, mix, model, samples, args.text_layers, tokens=tokens, flops=flops)
     rows, base = [], None
     for method in (m for m in args.methods if m != UPSTREAM):
+        from torch._dynamo.utils import counters
+
+        skips = int(counters["inductor"]["cudagraph_skips"])
         try:
             seconds, gib, sites = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
         except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, the rest go on
@@ -298,7 +333,9 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
         rows.append({"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
                      "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": flops / seconds / peak if peak else None,
                      "host_syncs": len(sites), "sync_sites": dict(Counter(s for s in sites)),
-                     "speedup_vs_ours": base / seconds})
+                     "speedup_vs_ours": base / seconds,
+                     # regions torch.compile left out of CUDA graphs (its log says why: TORCH_LOGS=perf_hints)
+                     "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]) - skips})
         _print_row(rows[-1])
         gc.collect()
         torch.cuda.empty_cache()

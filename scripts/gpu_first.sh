@@ -19,7 +19,7 @@ fi
 timeout ${SUITE_S:-190} python3 -m pytest -p no:cacheprovider --device cuda -n 6 -q -rfE -o junit_family=xunit1 --junitxml "$OUT/suite.xml" parity_tests >"$OUT/suite-full.txt" 2>&1
 tail -40 "$OUT/suite-full.txt"
 [ -n "${SUITE_ONLY:-}" ] && exit 0
-timeout ${BENCH_S:-140} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed \
-  --methods ours ours+compile ours+compile+fusedce padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
+timeout ${BENCH_S:-200} python3 benchmarks/model_step.py --models qwen2_5_vl qwen3_vl --mixes mixed \
+  --methods ours ours+compile ours+compile+fusedce ours+compile+graphs padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
 timeout ${FULL_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl --mixes images-12x448 --text-layers 0 \
   --methods ours ours+compile+fusedce ours+compile padded --warmup 2 --iters 3 --out "$OUT/full-depth.json" 2>&1 | tail -10 | tee "$OUT/full-depth.txt"

@@ -96,13 +96,15 @@ def _region_forward(compiled, original):
     return forward
 
 
-def compile_regions(model, recorder, *, linear_class: str | None = None, spec=None, mode: str | None = None) -> int:
+def compile_regions(model, recorder, *, linear_class: str | None = None, spec=None, mode=None) -> int:
     """Compile each region of ``model`` in place (recorded in ``recorder`` for undo); returns how many. ``spec``: the
-    model's ``FamilySpec``, whose vision tower's patch embedding and mergers are regions too."""
+    model's ``FamilySpec``, whose vision tower's patch embedding and mergers are regions too. ``mode``: torch.compile's
+    for every region, or a function of the region (``benchmarks/model_step.py``'s CUDA-graph rows give the text
+    layers ``"reduce-overhead"``)."""
     regions = _regions(model, linear_class, spec)
     for module in regions:
         original = module.forward
-        compiled = torch.compile(original, mode=mode)
+        compiled = torch.compile(original, mode=mode(module) if callable(mode) else mode)
         if "forward" in module.__dict__:
             raise ValueError(f"{type(module).__name__} already has its own forward (compiled twice?)")
         module.forward = _region_forward(compiled, original)
