@@ -32,6 +32,7 @@ counted). Usage::
 
     python benchmarks/model_step.py --out step.json [--models qwen2_5_vl qwen3_vl qwen3_5] [--methods ...]
     python benchmarks/model_step.py --text-layers 0 ...     # full depth (the real models' layer counts)
+    python benchmarks/model_step.py --text-layers 0 --checkpointing --models qwen2_5_vl_7b qwen3_vl_8b ...
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ CONFIGS = {
                   tie_word_embeddings=True),
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+    ),
+    "qwen2_5_vl_7b": dict(
+        family="qwen2_5_vl",
+        full_layers=28,  # Qwen2.5-VL-7B: the 3B's tower, a wider text model, lm_head untied
+        text=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                  vocab_size=152_064, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                  rope_theta=1e6, tie_word_embeddings=False),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+    ),
+    "qwen3_vl_8b": dict(
+        family="qwen3_vl",
+        full_layers=36,  # Qwen3-VL-8B: a 27-block tower of width 1152, lm_head untied
+        text=dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=5e6,
+                  rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                  tie_word_embeddings=False),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
         tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
     ),
     "qwen3_5": dict(
@@ -129,8 +151,11 @@ def build_from(saved: dict):
     return model
 
 
-def build(name: str, text_layers: int):
-    return build_from(model_config(name, text_layers))
+def build(name: str, text_layers: int, *, checkpointing: bool = False):
+    model = build_from(model_config(name, text_layers))
+    if checkpointing:  # each decoder layer and vision block recomputed in the backward (transformers' own)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def samples_for(model, mix: str, seed: int = 0):
@@ -348,6 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixes", nargs="+", default=["images-12x448", "mixed"], choices=list(MIXES))
     p.add_argument("--methods", nargs="+", default=["ours", "ours-nohost", "ours+compile", "ours+compile+fusedce", "native-packed", "padded"])
     p.add_argument("--text-layers", type=int, default=8, help="text decoder layers; 0: the real model's (full depth)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing (transformers' gradient_checkpointing_enable): the 7B/8B at full depth on one GPU")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--out")
@@ -374,7 +401,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         folder = args.save_batches or (stack.enter_context(tempfile.TemporaryDirectory()) if UPSTREAM in args.methods else None)
         for name in args.models:
-            model = build(name, args.text_layers)
+            model = build(name, args.text_layers, checkpointing=args.checkpointing)
             bases = {}
             for mix in args.mixes:
                 mix_rows = _measure_mix(args, name, mix, model, peak, folder)
@@ -392,7 +419,7 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-                       "text_layers": args.text_layers, "rows": rows}, f, indent=1)
+                       "text_layers": args.text_layers, "checkpointing": args.checkpointing, "rows": rows}, f, indent=1)
     return 0
 
 
