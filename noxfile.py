@@ -212,6 +212,29 @@ def verify(session: nox.Session) -> None:
     session.run("qwenvl", "verify", "--json", f"qwenvl-verify-{version}.json")
 
 
+# Issue 19's headline: one training step at the real models' depth, and at 8 text layers for comparison. Each set
+# writes bench-step/<set>.json and a plot of it; extra arguments go to every model_step.py run (the upstream row:
+# `-- --methods ours ... upstream-4.57 --upstream-site DIR --upstream-checkout DIR`, docs/benchmarks.md).
+STEP_SETS = {
+    "full-depth": ["--models", "qwen2_5_vl", "qwen3_vl", "--text-layers", "0"],
+    "full-depth-7b-8b": ["--models", "qwen2_5_vl_7b", "qwen3_vl_8b", "--text-layers", "0", "--checkpointing"],
+    "8-layers": ["--models", "qwen2_5_vl", "qwen3_vl", "--text-layers", "8"],
+}
+STEP_METHODS = ["ours", "ours+compile", "ours+compile+fusedce", "ours+compile+graphs", "padded"]
+
+
+@nox.session(name="bench-step", default=False, venv_params=["--system-site-packages"])
+def bench_step(session: nox.Session) -> None:
+    """One training step of Qwen2.5-VL-3B/-7B and Qwen3-VL-4B/-8B (CUDA, one H100/H200): bench-step/*.json, *.svg."""
+    session.install("-e", ".[liger]")
+    Path("bench-step").mkdir(exist_ok=True)
+    for name, args in STEP_SETS.items():
+        out = f"bench-step/{name}.json"
+        session.run("python", "benchmarks/model_step.py", *args, "--mixes", "images-12x448", "mixed",
+                    "--methods", *STEP_METHODS, "--out", out, *session.posargs)
+        session.run("python", "scripts/plot_step.py", out, "-o", out.replace(".json", ".svg"))
+
+
 @nox.session(default=False, venv_params=["--system-site-packages"])
 def bench(session: nox.Session) -> None:
     """Kernel benchmark (CUDA, the machine's CUDA torch): prints a table and writes bench-attention.json."""
