@@ -22,7 +22,8 @@ attention layer) for the packed-vs-padded comparison. Every method runs the same
 
 A batch mixes images of several sizes, a video and text-only samples (``MIXES``). Reported: median step time
 after warm-up, tokens/s (text-model tokens), peak memory, MFU against the GPU's dense bf16 peak, and host syncs per
-step (``torch.cuda.set_sync_debug_mode``), each with the Python line that made it (the JSON's ``sync_sites``). The
+step (``torch.cuda.set_sync_debug_mode``), each with the Python line that made it (the JSON's ``sync_sites``), and
+the GPU's busy fraction in one profiled step (``busy_fraction``: 100% minus what CUDA graphs could win back). The
 batch is moved to the GPU in every step as a trainer moves it (``qwenvl.data.to_device``: pinned, non_blocking).
 
 MFU's FLOPs: 6 x (text parameters but the embedding) x text tokens + 6 x vocab x hidden x text tokens (the lm_head's
@@ -270,9 +271,41 @@ def run_method(model, method, samples, *, warmup, iters):
     return time_steps(model, inputs, ctx, warmup=warmup, iters=iters)
 
 
+def busy_fraction(intervals) -> float:
+    """The share of the span from the first kernel's start to the last one's end in which some kernel runs:
+    ``intervals`` are (start, end) pairs. What is left (the GPU waiting on the host: launches, syncs, Python) is
+    the most CUDA graphs could win back."""
+    intervals = sorted(intervals)
+    if not intervals:
+        return 0.0
+    busy, (cur_start, cur_end) = 0.0, intervals[0]
+    for start, end in intervals[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = max(end for _, end in intervals) - intervals[0][0]
+    return busy / span if span > 0 else 1.0
+
+
+def _profiled_busy(step) -> float:
+    """``busy_fraction`` of the CUDA kernels of one ``step()`` under torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    return busy_fraction([(e.time_range.start, e.time_range.end) for e in kernels])
+
+
 def time_steps(model, inputs, ctx, *, warmup, iters):
-    """Median seconds of a forward + backward step on ``inputs`` (host tensors) under ``ctx``, the peak GiB, and the
-    host syncs of one untimed step after the warm-up (each the line that made it). ``upstream_step.py`` uses it too."""
+    """Median seconds of a forward + backward step on ``inputs`` (host tensors) under ``ctx``, the peak GiB, the
+    host syncs of one untimed step after the warm-up (each the line that made it) and the GPU's busy fraction in
+    one more, profiled (``busy_fraction``). ``upstream_step.py`` uses it too."""
     from qwenvl.data import to_device
     from qwenvl.host_syncs import recording_host_syncs
 
@@ -295,8 +328,13 @@ def time_steps(model, inputs, ctx, *, warmup, iters):
             torch.cuda.synchronize()
             if i > warmup:
                 times.append(time.perf_counter() - start)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        torch.cuda.synchronize()
+        busy = _profiled_busy(lambda: model(**to_device(inputs, "cuda"), use_cache=False).loss.backward())
     model.zero_grad(set_to_none=True)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, sites
+    return statistics.median(times), peak_gib, sites, busy
 
 
 def save_batch(folder, name, mix, model, samples, text_layers, *, tokens, flops) -> None:
@@ -332,7 +370,8 @@ def _print_row(row: dict) -> None:
         return
     vs = f"{row['speedup_vs_ours']:>6.2f}x" if row.get("speedup_vs_ours") else f"{'-':>7}"
     print(f"{name:<11} {mix:<14} {method:<21} {row['tokens']:>6} {row['ms']:>8.1f} {row['tokens_per_s']:>8.0f} "
-          f"{row['peak_gib']:>6.1f} {(row['mfu'] or 0)*100:>4.0f}% {row['host_syncs']:>5} {vs}", flush=True)
+          f"{row['peak_gib']:>6.1f} {(row['mfu'] or 0)*100:>4.0f}% {row['host_syncs']:>5} {vs} "
+          f"{row.get('gpu_busy', 0)*100:>4.0f}%", flush=True)
 
 
 def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
@@ -348,7 +387,7 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
 
         skips = int(counters["inductor"]["cudagraph_skips"])
         try:
-            seconds, gib, sites = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
+            seconds, gib, sites, busy = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
         except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, the rest go on
             rows.append({"model": name, "mix": mix, "method": method, "error": f"{type(exc).__name__}: {exc}"[:500]})
             _print_row(rows[-1])
@@ -358,7 +397,7 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
         rows.append({"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
                      "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": flops / seconds / peak if peak else None,
                      "host_syncs": len(sites), "sync_sites": dict(Counter(s for s in sites)),
-                     "speedup_vs_ours": base / seconds,
+                     "speedup_vs_ours": base / seconds, "gpu_busy": busy,
                      # regions torch.compile left out of CUDA graphs (its log says why: TORCH_LOGS=perf_hints)
                      "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]) - skips})
         _print_row(rows[-1])
@@ -397,7 +436,7 @@ def main(argv=None) -> int:
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     rows = []
     print(f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}, text layers {args.text_layers}")
-    print(f"{'model':<11} {'mix':<14} {'method':<21} {'tokens':>6} {'ms':>8} {'tok/s':>8} {'GiB':>6} {'MFU':>5} {'syncs':>5} {'vs ours':>7}")
+    print(f"{'model':<11} {'mix':<14} {'method':<21} {'tokens':>6} {'ms':>8} {'tok/s':>8} {'GiB':>6} {'MFU':>5} {'syncs':>5} {'vs ours':>7} {'busy':>5}")
     with contextlib.ExitStack() as stack:
         folder = args.save_batches or (stack.enter_context(tempfile.TemporaryDirectory()) if UPSTREAM in args.methods else None)
         for name in args.models:

@@ -148,13 +148,13 @@ def upstream_patch(checkout: Path) -> types.ModuleType:
 def _row(saved: dict, model, *, warmup: int, iters: int) -> dict:
     import model_step  # this folder is sys.path[0]: the timing loop and the columns are model_step's
 
-    seconds, gib, sites = model_step.time_steps(model, saved["inputs"], contextlib.nullcontext(), warmup=warmup, iters=iters)
+    seconds, gib, sites, busy = model_step.time_steps(model, saved["inputs"], contextlib.nullcontext(), warmup=warmup, iters=iters)
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in model_step.PEAK_BF16.items() if k in gpu), None)
     return {"model": saved["model"], "mix": saved["mix"], "method": METHOD, "tokens": saved["tokens"], "ms": seconds * 1e3,
             "tokens_per_s": saved["tokens"] / seconds, "peak_gib": gib,
             "mfu": saved["flops"] / seconds / peak if peak else None, "host_syncs": len(sites),
-            "sync_sites": dict(Counter(sites))}
+            "sync_sites": dict(Counter(sites)), "gpu_busy": busy}
 
 
 def _batches(folder: Path, models, mixes) -> list[dict]:

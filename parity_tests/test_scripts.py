@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for folder in ("benchmarks", "scripts") for p in (ROOT / folder).glob("*.py") if "argparse" in p.read_text())
@@ -37,3 +38,47 @@ def test_the_plot_has_a_bar_per_measured_row_and_says_why_it_cannot(tmp_path):
     source.write_text(json.dumps({**result, "rows": []}))
     done = subprocess.run([sys.executable, str(ROOT / "scripts/plot_step.py"), str(source), "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no measured rows" in done.stderr
+
+
+def _model_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_step", ROOT / "benchmarks" / "model_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "intervals, expected",
+    [
+        ([(0, 10)], 1.0),
+        ([(0, 4), (6, 10)], 0.8),  # a gap of 2 in a span of 10
+        ([(0, 6), (2, 4), (5, 8), (9, 10)], 0.9),  # nested and overlapping kernels count once
+        ([(5, 10), (0, 2)], 0.7),  # in any order
+        ([], 0.0),
+    ],
+)
+def test_the_busy_fraction_is_the_union_of_kernels_over_their_span(intervals, expected):
+    assert _model_step().busy_fraction(intervals) == pytest.approx(expected)
+
+
+def test_the_cuda_graph_rows_pad_with_a_segment_no_loss_sees():
+    """``ours+compile+graphs``: the row is padded to a multiple of GRAPH_MULTIPLE tokens and the padding's labels are
+    ignored, so its loss is the unpadded row's (on the CPU, where torch.compile makes no CUDA graphs)."""
+    from qwenvl.fixtures import tiny_model
+    from qwenvl.verify.batches import SampleSpec, make_sample
+
+    model_step = _model_step()
+    model = tiny_model("qwen2_5_vl", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(model.config, SampleSpec(text=t, image=i), generator=gen) for t, i in [(20, (4, 4)), (30, None)]]
+    ctx, padded = model_step.method_inputs(model, "ours+compile+graphs", samples)
+    assert padded["input_ids"].shape[-1] == model_step.GRAPH_MULTIPLE
+    import qwenvl
+
+    with qwenvl.patch(model):
+        expected = model(**model_step.packed_inputs(model, samples, "upstream"), use_cache=False).loss
+    with ctx:
+        loss = model(**padded, use_cache=False).loss
+    torch.testing.assert_close(loss, expected)
