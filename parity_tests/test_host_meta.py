@@ -137,10 +137,6 @@ def test_training_step_host_syncs(device, family, convention, fused, record_prop
     masks, MoE dispatch) is recorded by site (``record_property``: the JUnit report, docs/benchmarks.md)."""
     from qwenvl.data import to_device
     from qwenvl.host_syncs import recording_host_syncs
-    from qwenvl.patches._loss import liger_problem
-
-    if fused and liger_problem() is not None:
-        pytest.skip(f"the fused loss on CUDA needs Liger-Kernel: {liger_problem()}")
     model, rows = _model_and_rows(family)
     model = model.to(device, torch.bfloat16).train()
     sites = []

@@ -8,9 +8,13 @@ captured hidden states and ``lm_head.weight``::
 
     hidden (B, L, D) --[lm_head: captured, returns (B, L, 0)]--> original forward (aux loss, outputs as usual)
     labels (B, L)  -> shift left by one; -100 at each row end and at each sample end of a packed row
-    loss = CE(hidden @ W.T, shifted labels)     CUDA: Liger-Kernel's fused kernel, chunked, no logits kept
-                                                CPU: the plain torch loss (same values; no memory saving)
+    loss = CE(hidden @ W.T, shifted labels)     chunk by chunk of tokens, the gradients made in the forward
+                                                (``_ChunkedLinearCrossEntropy``): one chunk's logits at a time
     + router_aux_loss_coef * aux_loss           MoE families, when the forward returns an aux loss
+
+The same code runs on every device, so the CPU tests test what trains on the GPU. It reads nothing back from the
+device (Liger-Kernel's fused loss, used here before, synced three times a step: a ``.item()`` of the labelled
+count and a test of the incoming gradient; H100, Liger 0.8.5).
 
 The reduction is transformers' own: the mean over labelled tokens, or the sum divided by
 ``num_items_in_batch`` when the Trainer passes it (gradient accumulation). The label shift never pairs a
@@ -21,29 +25,16 @@ sample's last token with the next sample's first label, whatever the collator di
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 
 import torch
 import torch.nn.functional as F
 
 from qwenvl.packing import IGNORE_INDEX, VarlenMeta
 
-__all__ = ["install_fused_loss", "shift_labels", "linear_cross_entropy", "LIGER_MIN_VERSION"]
+__all__ = ["install_fused_loss", "shift_labels", "linear_cross_entropy", "CHUNK_ELEMENTS"]
 
-LIGER_MIN_VERSION = "0.6.0"
-
-
-def liger_problem() -> str | None:
-    """Why Liger-Kernel's fused loss cannot be used here, or ``None``."""
-    from packaging.version import Version
-
-    try:
-        version = importlib.metadata.version("liger-kernel")
-    except importlib.metadata.PackageNotFoundError:
-        return "liger-kernel is not installed (pip install 'qwenvl[liger]')"
-    if Version(version) < Version(LIGER_MIN_VERSION):
-        return f"liger-kernel {version} is older than {LIGER_MIN_VERSION}"
-    return None
+# Logits held at once: this many (fp32) per chunk of tokens, 512 MiB (880 tokens of a 152k vocabulary).
+CHUNK_ELEMENTS = 2**27
 
 
 def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tensor:
@@ -63,6 +54,64 @@ def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tens
     return shifted
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum(CE(hidden @ W.T + b, targets)) * scale`` a chunk of tokens at a time, its gradients made in the forward.
+
+    Per chunk: the logits as transformers makes them (a matmul in the inputs' dtype, then fp32), their
+    log-sum-exp, the loss of the labelled tokens, and in the same buffer the gradient ``(softmax - onehot) *
+    scale`` (zero on ignored tokens), cast to the inputs' dtype for the two matmuls that give the chunk's input
+    gradient and add its share of the weight's (accumulated in fp32). Only one chunk's logits exist at a time.
+
+    Nothing reads a value back: the chunks come from the shape, ``scale`` is a number or a device tensor, and the
+    backward multiplies by its incoming gradient (no test whether that is 1.0).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_TD, weight_VD, bias_V, targets_T, scale):
+        T, V = hidden_TD.shape[0], weight_VD.shape[0]
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden_TD) if need_input else None
+        grad_weight = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_weight else None
+        grad_bias = torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if need_bias else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden_TD.device)
+        step = max(1, CHUNK_ELEMENTS // max(V, 1))
+        for start in range(0, T, step):
+            x_CD, y_C = hidden_TD[start : start + step], targets_T[start : start + step]
+            logits_CV = F.linear(x_CD, weight_VD, bias_V).float()
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            labelled_C = y_C != IGNORE_INDEX
+            y_C = torch.where(labelled_C, y_C, 0)
+            picked_C = logits_CV.gather(1, y_C[:, None]).squeeze(1)
+            loss = loss + torch.where(labelled_C, lse_C - picked_C, 0.0).sum()
+            if not (need_input or need_weight or need_bias):
+                continue
+            grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in the logits' buffer
+            grad_CV.scatter_add_(1, y_C[:, None], torch.full_like(lse_C[:, None], -1.0))
+            grad_CV.mul_((labelled_C.to(grad_CV.dtype) * scale)[:, None])
+            if need_bias:
+                grad_bias += grad_CV.sum(0)
+            grad_CV = grad_CV.to(hidden_TD.dtype)
+            if need_input:
+                grad_hidden[start : start + step] = grad_CV @ weight_VD
+            if need_weight:
+                grad_weight += grad_CV.t() @ x_CD
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight_VD.dtype, None if bias_V is None else bias_V.dtype)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * grad_loss).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * grad_loss).to(bias_dtype),
+            None,
+            None,
+        )
+
+
 def linear_cross_entropy(
     hidden_TD: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -71,25 +120,15 @@ def linear_cross_entropy(
     *,
     num_items_in_batch=None,
 ) -> torch.Tensor:
-    """transformers' causal-LM loss of ``hidden @ weight.T (+ bias)`` against already shifted targets."""
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    if hidden_TD.device.type == "cuda":
-        problem = liger_problem()
-        if problem is not None:
-            raise RuntimeError(f"fused_cross_entropy on CUDA needs Liger-Kernel: {problem}")
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        loss = liger_fused_linear_cross_entropy(
-            hidden_TD, weight_VD, targets_T, bias_V, ignore_index=IGNORE_INDEX, reduction=reduction
-        )
+    """transformers' causal-LM loss of ``hidden @ weight.T (+ bias)`` against already shifted targets: the mean over
+    labelled tokens, or the sum divided by ``num_items_in_batch``; the logits never whole, no host sync."""
+    if num_items_in_batch is None:
+        scale = 1.0 / (targets_T != IGNORE_INDEX).sum()  # a device tensor: no sync (no labelled token: nan, as torch's)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        scale = 1.0 / num_items_in_batch.to(hidden_TD.device, torch.float32)
     else:
-        logits = F.linear(hidden_TD, weight_VD, bias_V).float()
-        loss = F.cross_entropy(logits, targets_T, ignore_index=IGNORE_INDEX, reduction=reduction)
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+        scale = 1.0 / float(num_items_in_batch)
+    return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, scale)
 
 
 def _output_head(model) -> torch.nn.Linear:
@@ -109,9 +148,6 @@ def install_fused_loss(model, recorder, *, aux_coef_key: str | None) -> None:
 
     target = base_model(model)
     head = _output_head(target)
-    device = head.weight.device
-    if device.type == "cuda" and liger_problem() is not None:
-        raise ValueError(f"fused_cross_entropy on CUDA needs Liger-Kernel: {liger_problem()}")
     if "forward" in target.__dict__:
         raise ValueError(f"{type(target).__name__} already has its own forward (fused loss installed twice?)")
     original = target.forward

@@ -74,7 +74,6 @@ def make_plan(parser: argparse.ArgumentParser, args) -> Plan:
     # With the default devices, an option that only one of them refuses is fixed by naming the devices.
     hint = "; pass --device to choose the devices" if not args.device and len(devices) > 1 else ""
     dtypes = _dtypes(parser, args.dtype, devices, hint)
-    _check_fused_loss(parser, args.fused_cross_entropy, devices, hint)
     backends = _backends(parser, args.backend, devices, hint, skipped)
     version = transformers.__version__
     asked = list(dict.fromkeys(args.family or FAMILIES))
@@ -123,14 +122,6 @@ def _dtypes(parser: argparse.ArgumentParser, asked: list[str] | None, devices: l
                     f"supported: {supported}{hint}"
                 )
     return {device: names for device in devices}
-
-
-def _check_fused_loss(parser: argparse.ArgumentParser, fused: bool, devices: list[str], hint: str) -> None:
-    """``--fused_cross_entropy`` on cuda needs Liger-Kernel (``qwenvl.patches._loss``); on cpu it is the plain loss."""
-    from qwenvl.patches._loss import liger_problem
-
-    if fused and "cuda" in devices and (why := liger_problem()) is not None:
-        parser.error(f"argument --fused_cross_entropy: on cuda the fused loss is Liger-Kernel's: {why}{hint}")
 
 
 def _backends(
