@@ -131,7 +131,7 @@ def gpu(session: nox.Session) -> None:
     The virtualenv sees the packages of the environment nox runs in (a .pth file naming its site-packages; a
     plain --system-site-packages would miss them where that environment is itself a virtualenv, as on images
     that ship torch in one), so the machine's CUDA torch (and JAX, torchvision, a video decoder) are used; the
-    project and its test, liger (the fused loss on CUDA) and video (PyAV) extras are installed into it.
+    project and its test and video (PyAV) extras are installed into it.
     """
     purelib = session.run(
         "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
@@ -139,7 +139,7 @@ def gpu(session: nox.Session) -> None:
     Path(purelib, "_machine_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     # No build isolation: the machine's setuptools builds the editable install, so a GPU box without internet
     # (whose packages are all there already) runs the session too.
-    session.install("--no-build-isolation", "-e", ".[test,liger,video]")
+    session.install("--no-build-isolation", "-e", ".[test,video]")
     # Six workers by default: one H100/H200 holds them, and the whole suite then runs in minutes.
     workers = [] if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in session.posargs) else ["-n", "6"]
     session.run(
@@ -226,7 +226,7 @@ STEP_METHODS = ["ours", "ours+compile", "ours+compile+fusedce", "ours+compile+gr
 @nox.session(name="bench-step", default=False, venv_params=["--system-site-packages"])
 def bench_step(session: nox.Session) -> None:
     """One training step of Qwen2.5-VL-3B/-7B and Qwen3-VL-4B/-8B (CUDA, one H100/H200): bench-step/*.json, *.svg."""
-    session.install("-e", ".[liger]")
+    session.install("-e", ".")
     Path("bench-step").mkdir(exist_ok=True)
     for name, args in STEP_SETS.items():
         out = f"bench-step/{name}.json"

@@ -8,9 +8,9 @@ attention layer) for the packed-vs-padded comparison. Every method runs the same
     ours                  qwenvl.patch(model), packed row from the collator with its host metadata
                           (PackedCollator.for_model: the vision tower's inputs and every boundary from the host)
     ours-nohost           the same row without the host metadata (a user's own collator: the one-sync fallback)
-    ours+fusedce          qwenvl.patch(model, fused_cross_entropy=True): Liger-Kernel's fused loss, no logits
+    ours+fusedce          qwenvl.patch(model, fused_cross_entropy=True): the chunked loss, no logits
     ours+compile          qwenvl.patch(model, compile=True): regional compilation
-    ours+compile+fusedce  ... and fused_cross_entropy=True (Liger-Kernel)
+    ours+compile+fusedce  ... and fused_cross_entropy=True
     ours+compile+graphs   regional compilation with the text layers as CUDA graphs (torch.compile's
                           "reduce-overhead"; the vision regions as ours+compile), the row padded to a multiple of
                           GRAPH_MULTIPLE tokens with a masked segment: one text shape per budget (issue 19's question

@@ -23,7 +23,7 @@ __all__ = ["recording_host_syncs"]
 
 # Checked in this order, each at its last occurrence in the path (a checkout may sit in a folder named qwenvl, a
 # virtualenv in one named torch).
-_ANCHORS = ("/parity_tests/", "/benchmarks/", "/transformers/", "/torch/", "/fla/", "/liger_kernel/", "/qwenvl/")
+_ANCHORS = ("/parity_tests/", "/benchmarks/", "/transformers/", "/torch/", "/fla/", "/qwenvl/")
 
 
 def short_site(site: str) -> str:

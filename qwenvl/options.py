@@ -84,8 +84,8 @@ class PatchOptions:
     fused_cross_entropy: bool = field(
         default=False,
         metadata={
-            "help": "In training with labels, the loss from the final hidden states without the logits "
-            "(Liger-Kernel on CUDA, the plain torch loss on CPU); sample boundaries are never crossed."
+            "help": "In training with labels, the loss from the final hidden states a chunk of tokens at a time, "
+            "never the whole logits, no host sync; sample boundaries are never crossed."
         },
     )
 

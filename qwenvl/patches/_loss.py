@@ -101,12 +101,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The weight's fp32 sum is scaled in place (no second fp32 copy at the backward's memory peak), so a
+        # second backward through the same loss would scale it twice: refused.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("fused_cross_entropy's loss cannot be backpropagated twice (retain_graph)")
+        ctx.used = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
+        # grad_loss stays fp32 (a 0-dim CUDA tensor times a bf16 one would be rounded to bf16 first)
         return (
             None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * grad_loss).to(weight_dtype),
-            None if grad_bias is None else (grad_bias * grad_loss).to(bias_dtype),
+            None if grad_weight is None else grad_weight.mul_(grad_loss).to(weight_dtype),
+            None if grad_bias is None else grad_bias.mul_(grad_loss).to(bias_dtype),
             None,
             None,
         )
