@@ -26,6 +26,7 @@ from qwenvl.attention import (
 )
 from qwenvl.attention import _registry
 from qwenvl.packing import VarlenMeta
+from qwenvl.tolerances import judge
 from qwenvl.reference import attention_ref, attention_ref_flash_grads, attention_ref_flash_out, mask_from_cu_seqlens
 from strategies import AttnCase, attention_cases
 from tolerances import assert_close_by_rule, reference_dtype, tolerance
@@ -101,14 +102,16 @@ def test_backend_matches_reference(backend_dtype, device, case):
     # Fused kernels compute the way FlashAttention does: those plain computations are yardsticks too.
     out_flash = attention_ref_flash_out(q, k, v, mask, scale=case.scale)
     grads_flash = attention_ref_flash_grads(q, k, v, mask, out_pt, grad_out, scale=case.scale)
-    out_yardsticks = (out_pt, out_flash)
+    out_yardsticks, grad_yardsticks = (out_pt, out_flash), list(zip(grads_pt, grads_flash))
     if _runs_tf32x3(backend, device, dtype):  # float32 SDPA's memory-efficient kernel multiplies in 3xTF32
         out_yardsticks += (attention_ref_flash_out(q, k, v, mask, scale=case.scale, tf32x3=True),)
+        tf32 = attention_ref_flash_grads(q, k, v, mask, out_pt, grad_out, scale=case.scale, tf32x3=True)
+        grad_yardsticks = [(*pair, g) for pair, g in zip(grad_yardsticks, tf32)]
 
     rule = dict(draw=case, record=labels, zero_atol=tol.zero_atol)
     assert_close_by_rule(out, out_ref, out_yardsticks, k=tol.k_out, name="out", **rule)
-    for name, g, g_ref, g_pt, g_flash in zip(("dq", "dk", "dv"), grads, grads_ref, grads_pt, grads_flash):
-        assert_close_by_rule(g, g_ref, (g_pt, g_flash), k=tol.k_grad, name=name, **rule)
+    for name, g, g_ref, yardsticks in zip(("dq", "dk", "dv"), grads, grads_ref, grad_yardsticks):
+        assert_close_by_rule(g, g_ref, yardsticks, k=tol.k_grad, name=name, **rule)
 
 
 def _runs_tf32x3(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -128,18 +131,27 @@ def test_tf32_rounding_is_to_nearest_ties_away():
 
 
 @pytest.mark.gpu
-def test_the_tf32x3_yardstick_is_the_memory_efficient_kernels_arithmetic(device):
-    """With one key per query the kernel's probabilities are exactly 1, so its output is ``V`` through the 3xTF32
-    split alone: bit for bit the yardstick's (and a few ulps from ``V``, which a float32 yardstick would not see)."""
+def test_the_tf32x3_yardsticks_bound_the_memory_efficient_kernel_where_float32_ones_cannot(device):
+    """With one key per query the probabilities are exactly 1: the output is exactly ``V`` and ``dk`` exactly 0, and
+    so are the float32 yardsticks' within an ulp, which would leave the rule a bound of the floor alone. The
+    kernel's 3xTF32 matmuls keep ~21 bits and stray further; the tf32x3 yardsticks stray as far, and bound it."""
     if not _runs_tf32x3("sdpa", device, torch.float32):
         pytest.skip("float32 SDPA runs the 3xTF32 memory-efficient kernel on GPUs of compute capability >= 8.0")
     case = AttnCase(lengths=(12,), n_heads=4, kv_heads=4, head_dim=8, causal=False, window=(0, 0))
     q, k, v, _ = case.tensors(torch.float32, device)
     meta = VarlenMeta.from_lengths(case.lengths, device=device)
     mask = mask_from_cu_seqlens(meta.cu_seqlens, causal=False, window=(0, 0))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     out = varlen_attention(q, k, v, meta, backend="sdpa", causal=False, window=(0, 0))
-    assert torch.equal(out, attention_ref_flash_out(q, k, v, mask, tf32x3=True))
-    assert not torch.equal(out, v), "the split should leave V's low bits off somewhere"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    exact_out, exact_dk = v.detach().double(), torch.zeros_like(dk, dtype=torch.float64)
+    assert not torch.equal(out.detach(), v.detach()), "the split should leave V's low bits off somewhere"
+    tol = tolerance(device, torch.float32)
+    yard_out = attention_ref_flash_out(q, k, v, mask, tf32x3=True)
+    assert judge(out, exact_out, yard_out, k=tol.k_out).passed
+    yard_dk = attention_ref_flash_grads(q, k, v, mask, out.detach(), dout, tf32x3=True)[1]
+    assert (verdict := judge(dk, exact_dk, yard_dk, k=tol.k_grad)).passed, verdict
 
 
 @settings(max_examples=40, deadline=None)

@@ -169,6 +169,7 @@ def attention_ref_flash_grads(
     dout_TNH: torch.Tensor,
     *,
     scale: float | None = None,
+    tf32x3: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` computed plainly, in the input dtype, by FlashAttention's backward algorithm.
 
@@ -187,6 +188,10 @@ def attention_ref_flash_grads(
     Args:
         out_TNH: the forward output in the same dtype (the kernel's ``O`` in ``D``), ``(T, N, H)``.
         dout_TNH: the upstream gradient ``(T, N, H)``.
+        tf32x3: float32 only; every matmul the 3xTF32 way (``attention_ref_flash_out``'s), as the memory-efficient
+            SDPA kernel's backward runs them on GPUs of compute capability 8.0 and later. With one key per query
+            ``dP - D`` is then a few TF32x3 ulps of ``|dO| |V|`` rather than float32 ones (measured on an H100:
+            ``dk`` 2.5e-6 where the float32 yardsticks left 8.9e-8).
     Returns:
         ``dq (T, N, H)``, ``dk, dv (T, K, H)`` (kv-head groups summed), in the input dtype.
     """
@@ -200,16 +205,19 @@ def attention_ref_flash_grads(
     v_TNH = v_TKH.repeat_interleave(group, dim=1)
     mask_TT = mask_TT.to(device=q_TNH.device, dtype=torch.bool)
     empty_T1 = ~mask_TT.any(dim=-1, keepdim=True)
-    scores_fwd_NTT = torch.einsum("qnh,knh->nqk", q_TNH * scale, k_TNH).masked_fill(~mask_TT, float("-inf"))
+    if tf32x3 and q_TNH.dtype != torch.float32:
+        raise ValueError(f"tf32x3 is a float32 matmul, got {q_TNH.dtype}")
+    einsum = _matmul_tf32x3 if tf32x3 else torch.einsum
+    scores_fwd_NTT = einsum("qnh,knh->nqk", q_TNH * scale, k_TNH).masked_fill(~mask_TT, float("-inf"))
     lse_NT1 = torch.logsumexp(scores_fwd_NTT.masked_fill(empty_T1, 0.0), dim=-1, keepdim=True)
-    scores_bwd_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH) * scale
+    scores_bwd_NTT = einsum("qnh,knh->nqk", q_TNH, k_TNH) * scale
     probs_NTT = torch.exp(scores_bwd_NTT - lse_NT1).masked_fill(~mask_TT, 0.0).masked_fill(empty_T1, 0.0)
-    dv_TNH = torch.einsum("nqk,qnh->knh", probs_NTT, dout_TNH)
-    dprobs_NTT = torch.einsum("qnh,knh->nqk", dout_TNH, v_TNH)
+    dv_TNH = einsum("nqk,qnh->knh", probs_NTT, dout_TNH)
+    dprobs_NTT = einsum("qnh,knh->nqk", dout_TNH, v_TNH)
     d_NT1 = (dout_TNH * out_TNH.detach().to(q_TNH.dtype)).sum(-1).transpose(0, 1).unsqueeze(-1)
     dscores_NTT = probs_NTT * (dprobs_NTT - d_NT1)
-    dq_TNH = torch.einsum("nqk,knh->qnh", dscores_NTT, k_TNH) * scale
-    dk_TNH = torch.einsum("nqk,qnh->knh", dscores_NTT, q_TNH) * scale
+    dq_TNH = einsum("nqk,knh->qnh", dscores_NTT, k_TNH) * scale
+    dk_TNH = einsum("nqk,qnh->knh", dscores_NTT, q_TNH) * scale
     T = q_TNH.shape[0]
 
     def per_kv_head(t_TNH: torch.Tensor) -> torch.Tensor:
