@@ -15,10 +15,12 @@ a yardstick of 0, while the fused way leaves the rounding of ``max * scale * log
 within an ulp or two. On CUDA (compute capability >= 8.0) float32 SDPA runs the memory-efficient kernel, whose
 matmuls are 3xTF32 (CUTLASS's ``OpMultiplyAddFastF32``: each operand split into two TF32 halves, about 21
 significant bits kept): the same plain computation with that split (``attention_ref_flash_out(tf32x3=True)``)
-is the third output yardstick there. Measured on an H100 (2026-12-07): on a one-key-per-query draw the kernel
-was 2 ulps (4.8e-7) from V while both float32 yardsticks were exact, a bound of the floor alone (2.4e-7); the
-3xTF32 yardstick is 4.8e-7 on that draw, and ``test_the_tf32x3_yardstick_is_the_memory_efficient_kernels_
-arithmetic`` holds the kernel to it bit for bit. For attention gradients there are two as well: autograd through the plain softmax, and
+is the third output yardstick there, and its backward done the same way (``attention_ref_flash_grads(tf32x3=
+True)``) the third gradient one. Measured on an H100 (2026-12-07): on a one-key-per-query draw the kernel was
+2 ulps (4.8e-7) from V while both float32 yardsticks were exact, a bound of the floor alone (2.4e-7), and its
+``dk`` 2.5e-6 from 0 where the float32 yardsticks left 8.9e-8; the 3xTF32 yardsticks stray as far (4.8e-7 on
+the output draw). ``test_the_tf32x3_yardsticks_bound_the_memory_efficient_kernel_where_float32_ones_cannot``
+holds the kernel to them. For attention gradients there are two as well: autograd through the plain softmax, and
 FlashAttention's own backward done plainly (``qwenvl.reference.attention_ref_flash_grads``: probabilities
 recomputed from the log-sum-exp, ``dS = P * (dP - rowsum(dO * O))``). They round differently, and which one
 is more accurate depends on the draw: with one key per query (a window of (0, 0), length-1 segments)
