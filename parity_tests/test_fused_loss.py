@@ -168,7 +168,7 @@ def test_the_chunked_loss_equals_the_unfused_loss_over_many_chunks(device, monke
     items = torch.tensor(7) if num_items == "tensor" else num_items
 
     def run(fn, dtype):
-        inputs = {k: v.to(device, dtype).requires_grad_(k != frozen) for k, v in leaves.items()}
+        inputs = {k: v.to(device, dtype, copy=True).requires_grad_(k != frozen) for k, v in leaves.items()}
         out = fn(inputs, targets.to(device))
         out.backward()
         return out.detach(), {k: v.grad for k, v in inputs.items()}
