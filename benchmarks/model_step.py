@@ -54,52 +54,50 @@ import time
 import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}
-UPSTREAM = "upstream-4.57"
-GRAPH_MULTIPLE = 2048  # ours+compile+graphs: rows padded to a multiple of this many tokens  # run by upstream_step.py in its own process, on transformers 4.57.6
+UPSTREAM = "upstream-4.57"  # run by upstream_step.py in its own process, on transformers 4.57.6
+GRAPH_MULTIPLE = 2048  # ours+compile+graphs: rows padded to a multiple of this many tokens
 
 VOCAB = 151_936
+QWEN_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+QWEN2_5_TOWER = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+QWEN3_TOWER = dict(num_heads=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+QWEN2_5_ROPE = dict(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1e6)
+QWEN3_ROPE = dict(rope_theta=5e6, rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True})
 CONFIGS = {
     "qwen2_5_vl": dict(
         family="qwen2_5_vl",
         full_layers=36,  # Qwen2.5-VL-3B
         text=dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
-                  vocab_size=VOCAB, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-                  rope_theta=1e6, tie_word_embeddings=True),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+                  vocab_size=VOCAB, max_position_embeddings=32768, tie_word_embeddings=True, **QWEN2_5_ROPE),
+        vision=dict(QWEN2_5_TOWER, out_hidden_size=2048),
+        tokens=QWEN_TOKENS,
     ),
     "qwen3_vl": dict(
         family="qwen3_vl",
         full_layers=36,  # Qwen3-VL-4B
         text=dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                  vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=5e6,
-                  rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-                  tie_word_embeddings=True),
-        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
-        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+                  vocab_size=VOCAB, max_position_embeddings=32768, tie_word_embeddings=True, **QWEN3_ROPE),
+        vision=dict(QWEN3_TOWER, depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
+                    deepstack_visual_indexes=[5, 11, 17]),
+        tokens=QWEN_TOKENS,
     ),
     "qwen2_5_vl_7b": dict(
         family="qwen2_5_vl",
-        full_layers=28,  # Qwen2.5-VL-7B: the 3B's tower, a wider text model, lm_head untied
+        full_layers=28,  # Qwen2.5-VL-7B: the 3B's tower, a wider text model, lm_head untied (8.29B parameters)
         text=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                  vocab_size=152_064, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-                  rope_theta=1e6, tie_word_embeddings=False),
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+                  vocab_size=152_064, max_position_embeddings=32768, tie_word_embeddings=False, **QWEN2_5_ROPE),
+        vision=dict(QWEN2_5_TOWER, out_hidden_size=3584),
+        tokens=QWEN_TOKENS,
     ),
     "qwen3_vl_8b": dict(
         family="qwen3_vl",
-        full_layers=36,  # Qwen3-VL-8B: a 27-block tower of width 1152, lm_head untied
+        full_layers=36,  # Qwen3-VL-8B: a 27-block tower of width 1152, lm_head untied (8.77B parameters)
         text=dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                  vocab_size=VOCAB, max_position_embeddings=32768, rope_theta=5e6,
-                  rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-                  tie_word_embeddings=False),
-        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-        tokens=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+                  vocab_size=VOCAB, max_position_embeddings=32768, tie_word_embeddings=False, **QWEN3_ROPE),
+        vision=dict(QWEN3_TOWER, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
+                    deepstack_visual_indexes=[8, 16, 24]),
+        tokens=QWEN_TOKENS,
     ),
     "qwen3_5": dict(
         family="qwen3_5",
