@@ -150,27 +150,29 @@ def test_fused_loss_is_reverted_and_needs_a_model():
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("frozen", ["none", "weight", "hidden"])
-@pytest.mark.parametrize("num_items", [None, 7, "tensor"])
+@pytest.mark.parametrize("num_items", [None, 7, "host_tensor", "device_tensor"])
 def test_the_chunked_loss_equals_the_unfused_loss_over_many_chunks(device, monkeypatch, bias, frozen, num_items):
-    """``linear_cross_entropy`` a few tokens at a time (the last chunk shorter) against the whole-logits loss:
-    the loss and each input's gradient, by the rule; a frozen input gets no gradient (and none is made)."""
+    """``linear_cross_entropy`` a few tokens and vocabulary rows at a time (the last chunk and block shorter)
+    against the whole-logits loss, backpropagated with a loss scale as fp16 training does: the loss and each
+    input's gradient, by the rule, in every half dtype on CUDA; a frozen input gets no gradient."""
     import qwenvl.patches._loss as loss_module
 
     V, D, T = 37, 16, 29
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * V)  # 4 tokens a chunk: 8 chunks, the last of 1
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    monkeypatch.setattr(loss_module, "WEIGHT_ROWS", 10)  # the weight's gradient in 4 blocks, the last of 7 rows
     gen = torch.Generator().manual_seed(11)
     leaves = {"hidden": torch.randn(T, D, generator=gen), "weight": torch.randn(V, D, generator=gen) / D**0.5}
     if bias:
         leaves["bias"] = torch.randn(V, generator=gen)
     targets = torch.randint(0, V, (T,), generator=gen)
     targets[torch.rand(T, generator=gen) < 0.3] = -100
-    items = torch.tensor(7) if num_items == "tensor" else num_items
+    items = {"host_tensor": torch.tensor(7), "device_tensor": torch.tensor(7, device=device)}.get(num_items, num_items)
+    loss_scale = 1024.0  # what a GradScaler multiplies the loss by
 
     def run(fn, dtype):
         inputs = {k: v.to(device, dtype, copy=True).requires_grad_(k != frozen) for k, v in leaves.items()}
         out = fn(inputs, targets.to(device))
-        out.backward()
+        (out * loss_scale).backward()
         return out.detach(), {k: v.grad for k, v in inputs.items()}
 
     def unfused(inputs, targets):
@@ -183,22 +185,47 @@ def test_the_chunked_loss_equals_the_unfused_loss_over_many_chunks(device, monke
         return loss_module.linear_cross_entropy(inputs["hidden"], inputs["weight"], targets, inputs.get("bias"),
                                                 num_items_in_batch=items)
 
-    ref, ref_grads = run(unfused, reference_dtype(device, dtype))
-    plain, plain_grads = run(unfused, dtype)
-    out, grads = run(chunked, dtype)
-    tol = tolerance(device, dtype)
-    assert (verdict := judge(out, ref, plain, k=tol.k_out)).passed, f"loss: {verdict}"
-    for name, grad in grads.items():
-        if name == frozen:
-            assert grad is None
-            continue
-        assert (verdict := judge(grad, ref_grads[name], plain_grads[name], k=tol.k_grad)).passed, f"{name}: {verdict}"
+    for dtype in [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16]:
+        ref, ref_grads = run(unfused, reference_dtype(device, dtype))
+        plain, plain_grads = run(unfused, dtype)
+        out, grads = run(chunked, dtype)
+        tol = tolerance(device, dtype)
+        assert (verdict := judge(out, ref, plain, k=tol.k_out)).passed, f"{dtype} loss: {verdict}"
+        for name, grad in grads.items():
+            if name == frozen:
+                assert grad is None
+                continue
+            verdict = judge(grad, ref_grads[name], plain_grads[name], k=tol.k_grad)
+            assert verdict.passed, f"{dtype} {name}: {verdict}"
 
 
-def test_the_chunked_loss_of_no_labelled_token_is_nan_as_torchs():
+def test_the_chunked_loss_of_no_labelled_token_is_nan_and_its_gradients_zero_as_torchs():
     import qwenvl.patches._loss as loss_module
 
-    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    leaves = [torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)]
     targets = torch.full((3,), -100)
-    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
-    assert expected.isnan() and loss_module.linear_cross_entropy(hidden, weight, targets).isnan()
+    expected = torch.nn.functional.cross_entropy(leaves[0] @ leaves[1].T, targets, ignore_index=-100)
+    expected.backward()
+    expected_grads = [leaf.grad.clone() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    loss = loss_module.linear_cross_entropy(*leaves, targets)
+    loss.backward()
+    assert expected.isnan() and loss.isnan()
+    for leaf, grad in zip(leaves, expected_grads):
+        assert not grad.any() and torch.equal(leaf.grad, grad)
+
+
+def test_the_chunked_loss_makes_no_gradient_under_no_grad(monkeypatch):
+    import qwenvl.patches._loss as loss_module
+
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args, **kwargs: products.append(1) or real_mm(*args, **kwargs))
+    hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 4, 0, 3])
+    with torch.no_grad():
+        quiet = loss_module.linear_cross_entropy(hidden, weight, targets)
+    assert products == [] and quiet.grad_fn is None
+    loud = loss_module.linear_cross_entropy(hidden, weight, targets)
+    assert products and torch.equal(quiet, loud.detach())

@@ -28,6 +28,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from qwenvl.packing import IGNORE_INDEX, VarlenMeta
 
@@ -35,6 +36,8 @@ __all__ = ["install_fused_loss", "shift_labels", "linear_cross_entropy", "CHUNK_
 
 # Logits held at once: this many (fp32) per chunk of tokens, 512 MiB (880 tokens of a 152k vocabulary).
 CHUNK_ELEMENTS = 2**27
+# The weight's gradient is summed this many vocabulary rows at a time (a 16k x hidden temporary, not vocab x hidden).
+WEIGHT_ROWS = 16384
 
 
 def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tensor:
@@ -54,22 +57,33 @@ def shift_labels(labels_BL: torch.Tensor, meta: VarlenMeta | None) -> torch.Tens
     return shifted
 
 
+def _inverse(divisor):
+    """``1 / divisor``, 0 where the divisor is 0 (no labelled token: torch's loss is NaN, its gradients 0)."""
+    if isinstance(divisor, torch.Tensor):
+        return torch.where(divisor == 0, 0.0, 1.0 / divisor)
+    return 0.0 if divisor == 0 else 1.0 / divisor
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """``sum(CE(hidden @ W.T + b, targets)) * scale`` a chunk of tokens at a time, its gradients made in the forward.
+    """``sum(CE(hidden @ W.T + b, targets)) / divisor`` a chunk of tokens at a time, its gradients made in the forward.
 
     Per chunk: the logits as transformers makes them (a matmul in the inputs' dtype, then fp32), their
-    log-sum-exp, the loss of the labelled tokens, and in the same buffer the gradient ``(softmax - onehot) *
-    scale`` (zero on ignored tokens), cast to the inputs' dtype for the two matmuls that give the chunk's input
-    gradient and add its share of the weight's (accumulated in fp32). Only one chunk's logits exist at a time.
+    log-sum-exp, the loss of the labelled tokens, and in the same buffer the gradient ``softmax - onehot`` (zero on
+    ignored tokens), cast to the inputs' dtype for the matmuls that give the chunk's input gradient and its share
+    of the weight's (summed in fp32, ``WEIGHT_ROWS`` vocabulary rows at a time, so no vocabulary x hidden
+    temporary). Only one chunk's logits exist at a time.
 
-    Nothing reads a value back: the chunks come from the shape, ``scale`` is a number or a device tensor, and the
-    backward multiplies by its incoming gradient (no test whether that is 1.0).
+    The gradients are kept unscaled, of order 1, and ``1 / divisor`` times the incoming gradient is applied in fp32
+    in the backward: an fp16 loss scale (the GradScaler's) reaches them before they are rounded to the input dtype,
+    as it would through the unfused loss. Nothing reads a value back: the chunks come from the shape, ``divisor``
+    is a number or a device tensor, and the backward multiplies by its incoming gradient (no test whether that is
+    1.0). ``want_grads``: ``torch.is_grad_enabled()`` at the call (under ``no_grad`` no gradient is made).
     """
 
     @staticmethod
-    def forward(ctx, hidden_TD, weight_VD, bias_V, targets_T, scale):
+    def forward(ctx, hidden_TD, weight_VD, bias_V, targets_T, divisor, want_grads):
         T, V = hidden_TD.shape[0], weight_VD.shape[0]
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_input, need_weight, need_bias = (want_grads and need for need in ctx.needs_input_grad[:3])
         grad_hidden = torch.empty_like(hidden_TD) if need_input else None
         grad_weight = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_weight else None
         grad_bias = torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if need_bias else None
@@ -87,19 +101,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in the logits' buffer
             grad_CV.scatter_add_(1, y_C[:, None], torch.full_like(lse_C[:, None], -1.0))
-            grad_CV.mul_((labelled_C.to(grad_CV.dtype) * scale)[:, None])
+            grad_CV.mul_(labelled_C[:, None])
             if need_bias:
                 grad_bias += grad_CV.sum(0)
             grad_CV = grad_CV.to(hidden_TD.dtype)
             if need_input:
-                grad_hidden[start : start + step] = grad_CV @ weight_VD
+                torch.mm(grad_CV, weight_VD, out=grad_hidden[start : start + step])
             if need_weight:
-                grad_weight += grad_CV.t() @ x_CD
+                for row in range(0, V, WEIGHT_ROWS):
+                    grad_weight[row : row + WEIGHT_ROWS] += grad_CV[:, row : row + WEIGHT_ROWS].t() @ x_CD
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight_VD.dtype, None if bias_V is None else bias_V.dtype)
-        return loss * scale
+        ctx.inverse = _inverse(divisor)
+        return loss / divisor
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         # The weight's fp32 sum is scaled in place (no second fp32 copy at the backward's memory peak), so a
         # second backward through the same loss would scale it twice: refused.
@@ -108,11 +125,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.used = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        # grad_loss stays fp32 (a 0-dim CUDA tensor times a bf16 one would be rounded to bf16 first)
+        # in fp32: a 0-dim CUDA tensor times a half-precision one would be rounded to that dtype first
+        factor = grad_loss.float() * ctx.inverse
         return (
-            None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight.mul_(grad_loss).to(weight_dtype),
-            None if grad_bias is None else grad_bias.mul_(grad_loss).to(bias_dtype),
+            None if grad_hidden is None else (grad_hidden.float() * factor).to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight.mul_(factor).to(weight_dtype),
+            None if grad_bias is None else grad_bias.mul_(factor).to(bias_dtype),
+            None,
             None,
             None,
         )
@@ -129,12 +148,12 @@ def linear_cross_entropy(
     """transformers' causal-LM loss of ``hidden @ weight.T (+ bias)`` against already shifted targets: the mean over
     labelled tokens, or the sum divided by ``num_items_in_batch``; the logits never whole, no host sync."""
     if num_items_in_batch is None:
-        scale = 1.0 / (targets_T != IGNORE_INDEX).sum()  # a device tensor: no sync (no labelled token: nan, as torch's)
-    elif isinstance(num_items_in_batch, torch.Tensor):
-        scale = 1.0 / num_items_in_batch.to(hidden_TD.device, torch.float32)
-    else:
-        scale = 1.0 / float(num_items_in_batch)
-    return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, scale)
+        divisor = (targets_T != IGNORE_INDEX).sum().float()  # a device tensor: no sync
+    elif isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device.type != "cpu":
+        divisor = num_items_in_batch.to(hidden_TD.device, torch.float32)
+    else:  # a number, or a CPU tensor: read on the host, no upload to wait for
+        divisor = float(num_items_in_batch)
+    return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, divisor, torch.is_grad_enabled())
 
 
 def _output_head(model) -> torch.nn.Linear:
