@@ -92,16 +92,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, T, step):
             x_CD, y_C = hidden_TD[start : start + step], targets_T[start : start + step]
             logits_CV = F.linear(x_CD, weight_VD, bias_V).float()
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
             labelled_C = y_C != IGNORE_INDEX
             y_C = torch.where(labelled_C, y_C, 0)
             picked_C = logits_CV.gather(1, y_C[:, None]).squeeze(1)
+            # log-sum-exp in the logits' own buffer (no second chunk-sized buffer): exp(logits - max), its sum
+            max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+            exp_CV = logits_CV.sub_(max_C1).exp_()
+            sum_C = exp_CV.sum(dim=-1)
+            lse_C = max_C1.squeeze(1) + sum_C.log()
             loss = loss + torch.where(labelled_C, lse_C - picked_C, 0.0).sum()
             if not (need_input or need_weight or need_bias):
                 continue
-            grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in the logits' buffer
-            grad_CV.scatter_add_(1, y_C[:, None], torch.full_like(lse_C[:, None], -1.0))
-            grad_CV.mul_(labelled_C[:, None])
+            # softmax - onehot on labelled rows, 0 on the others: one pass over the chunk, then the targets
+            keep_C = labelled_C.to(exp_CV.dtype)
+            grad_CV = exp_CV.mul_((keep_C / sum_C)[:, None])
+            grad_CV.scatter_add_(1, y_C[:, None], -keep_C[:, None])
             if need_bias:
                 grad_bias += grad_CV.sum(0)
             grad_CV = grad_CV.to(hidden_TD.dtype)
