@@ -46,10 +46,12 @@ BATCHES = [
 WARM_UP = 4
 
 
-def test_varied_batches_do_not_recompile(device):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_varied_batches_do_not_recompile(device, family):
     # The graphs are made during the first few batches (automatic dynamic shapes settle on symbolic token counts
-    # and segment counts); after that, no batch compiles again however its lengths and packing differ.
-    model = tiny_model("qwen2_5_vl").to(device)
+    # and segment counts); after that, no batch compiles again however its lengths and packing differ. Qwen3-VL:
+    # its tower's regions too (patch embedding, merger, deepstack mergers).
+    model = tiny_model(family).to(device)
     gen = torch.Generator().manual_seed(0)
     graphs = []
     with qwenvl.patch(model, compile=True):
