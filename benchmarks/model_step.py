@@ -384,10 +384,10 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
     flops = flops_per_step(model, samples)
     if folder:
         save_batch(folder, name, mix, model, samples, args.text_layers, tokens=tokens, flops=flops)
+    from torch._dynamo.utils import counters
+
     rows, base = [], None
     for method in (m for m in args.methods if m != UPSTREAM):
-        from torch._dynamo.utils import counters
-
         skips = int(counters["inductor"]["cudagraph_skips"])
         try:
             seconds, gib, sites, busy = run_method(model, method, samples, warmup=args.warmup, iters=args.iters)
@@ -399,7 +399,7 @@ def _measure_mix(args, name, mix, model, peak, folder) -> list[dict]:
         base = base or seconds
         rows.append({"model": name, "mix": mix, "method": method, "tokens": tokens, "ms": seconds * 1e3,
                      "tokens_per_s": tokens / seconds, "peak_gib": gib, "mfu": flops / seconds / peak if peak else None,
-                     "host_syncs": len(sites), "sync_sites": dict(Counter(s for s in sites)),
+                     "host_syncs": len(sites), "sync_sites": dict(Counter(sites)),
                      "speedup_vs_ours": base / seconds, "gpu_busy": busy,
                      # regions torch.compile left out of CUDA graphs (its log says why: TORCH_LOGS=perf_hints)
                      "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]) - skips})
