@@ -76,6 +76,9 @@ class PatchState:
     # index): ``deepstack_by_hand`` for this forward, ``deepstack_handed`` once they went in (features' order).
     deepstack_by_hand: bool = False
     deepstack_handed: bool = False
+    # A row's videos computed before XModel.forward, which then sees only its images (``media_apart``): their
+    # pending entry, put in at the text model's entry after the images'.
+    apart: tuple | None = None
 
     def forget(self) -> None:
         """A new forward: nothing of the last one's host metadata applies."""

@@ -20,8 +20,14 @@ A data-dependent size is what syncs. The collator knows every placeholder's posi
                            videos): transformers never joins them (a row with images and a video would join
                            them through boolean masks: 3 syncs a deepstack layer, and more in the backward)
 
-What still syncs there: with images and a video in one row, Qwen3-VL's forward selects each modality's mask
-at the union of both (``image_mask[visual_pos_masks]``: 2 syncs), before anything of ours can run.
+    videos apart           a row with images and videos: the videos' features are computed before
+                           ``XModel.forward`` runs and go in at the text model's entry, by index (``media_apart``)
+
+Why videos apart: given both modalities, Qwen3-VL's forward (and the Qwen3-Omni thinker's) joins their deepstack
+features by selecting each modality's mask at the union of both (``image_mask[visual_pos_masks]``: 2 syncs) before
+anything of ours can run. Handed only the images, it has nothing to join; the videos' features are the same
+tower's output for the same inputs, and their placeholder positions get exactly the values ``masked_scatter``
+would have put there.
 
 Values and gradients are bit-identical to the original (``parity_tests/test_host_meta.py``). A release whose
 ``get_*_features`` return no ``pooler_output`` (4.57) keeps its ``masked_scatter`` gradient, sync included.
@@ -41,7 +47,7 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
 
-__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "grid_to_device"]
+__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "media_apart", "grid_to_device"]
 
 
 def placeholder_mask(original: Callable, state: PatchState) -> Callable:
@@ -161,6 +167,20 @@ def _flat(live) -> torch.Tensor:
     return live if isinstance(live, torch.Tensor) else torch.cat(list(live), dim=0)
 
 
+def _put_apart(embeds_1LD: torch.Tensor, index_V: torch.Tensor, videos) -> torch.Tensor:
+    """The videos' (detached) features at their placeholder positions, the last of ``index_V`` (the features'
+    order): the values the forward's ``masked_scatter`` would have put there."""
+    videos_VD = _flat(videos)
+    if embeds_1LD.shape[0] != 1 or videos_VD.shape[0] > index_V.numel():
+        raise RuntimeError(
+            f"qwenvl: {videos_VD.shape[0]} video feature rows for {index_V.numel()} placeholder positions of "
+            f"hidden states {tuple(embeds_1LD.shape)}"
+        )
+    flat = embeds_1LD.reshape(-1, embeds_1LD.shape[-1])
+    positions = index_V[index_V.numel() - videos_VD.shape[0] :].to(flat.device)
+    return flat.index_copy(0, positions, videos_VD.to(flat.device, flat.dtype)).view_as(embeds_1LD)
+
+
 def _reattach_hook(state: PatchState):
     def hook(module, args, kwargs):
         if state.reattached:
@@ -170,6 +190,11 @@ def _reattach_hook(state: PatchState):
             return None
         embeds = kwargs.get("inputs_embeds")
         index = state.modality_index
+        if state.apart is not None:  # the videos, after the images (the features' order)
+            state.pending.append(state.apart)
+            state.apart = None
+            if isinstance(embeds, torch.Tensor) and index is not None:
+                embeds = _put_apart(embeds, index, state.pending[-1][0].pooler_output)
         live = torch.cat([_flat(live) for _, live, _ in state.pending], dim=0)
         if not isinstance(embeds, torch.Tensor) or index is None or index.numel() != live.shape[0]:
             got = "no inputs_embeds" if not isinstance(embeds, torch.Tensor) else f"{live.shape[0]} feature rows"
@@ -212,6 +237,9 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
         handle.remove()
         state.reattach_open = state.deepstack_by_hand = state.deepstack_handed = False
         pending, state.pending = state.pending, []
+        if state.apart is not None:  # never reached the text model's entry
+            pending.append(state.apart)
+            state.apart = None
         for out, live, deep in pending:  # the returned outputs hold the live features again, as unpatched
             out.pooler_output = live
             if deep is not None:
@@ -221,3 +249,39 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
             f"qwenvl: {type(model).__name__}.forward never handed its vision features to the text model; their "
             "gradient would be lost. Run it unpatched, or without qwenvl_visual_positions in the batch"
         )
+
+
+def _takes_var_kwargs(function: Callable) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+
+
+def media_apart(model, state: PatchState | None, kwargs: dict) -> tuple[dict, object]:
+    """Inside ``reattaching``, for a packed row holding images and videos whose forward would join their deepstack
+    features (``state.deepstack_by_hand``): compute the videos' features here, through the patched
+    ``get_video_features`` (so they come back detached, their live tensors kept), and return the forward's kwargs
+    without them, and the videos' output (``reattaching`` gives it its live features back: the caller hands it on as
+    the forward's ``video_outputs``). The text model's entry puts them in after the images' (``_reattach_hook``).
+    Anything else: the kwargs unchanged, and ``None``."""
+    if (
+        state is None
+        or not state.deepstack_by_hand
+        or state.modality_index is None
+        or kwargs.get("pixel_values") is None
+        or kwargs.get("pixel_values_videos") is None
+        or kwargs.get("position_ids") is None  # the forward would derive positions from the video grids
+        or kwargs.get("input_ids") is None
+        or kwargs["input_ids"].shape[0] != 1
+        or not _takes_var_kwargs(type(model).get_video_features)  # 5.x: precomputed inputs, outputs with pooler_output
+    ):
+        return kwargs, None
+    kwargs = dict(kwargs)
+    videos, grid = kwargs.pop("pixel_values_videos"), kwargs.pop("video_grid_thw", None)
+    named = set(inspect.signature(getattr(type(model).forward, _WRAPPED, type(model).forward)).parameters)
+    passed = {k: v for k, v in kwargs.items() if k not in named}  # what the forward hands on in its **kwargs
+    before = len(state.pending)
+    out = model.get_video_features(videos, grid, return_dict=True, **passed)
+    if len(state.pending) != before + 1 or state.pending[-1][0] is not out:
+        raise RuntimeError(f"qwenvl: {type(model).__name__}.get_video_features kept no features to put in by index")
+    state.apart = state.pending.pop()
+    return kwargs, out
+
