@@ -1,4 +1,4 @@
-"""Kernel-level benchmark of packed causal attention on CUDA (bf16, head dim 128, 32 query heads).
+"""Kernel-level benchmark of packed attention on CUDA (bf16; by default causal, head dim 128, 32 query heads).
 
 For each packing (total tokens x documents) and kv-head count it times forward and forward+backward of:
 
@@ -10,10 +10,12 @@ For each packing (total tokens x documents) and kv-head count it times forward a
     dense-sdpa     one SDPA call over the whole row with a dense (T, T) block-diagonal causal mask
 
 Times are medians of CUDA-event timings after warmup. TFLOP/s counts only the useful work (the attended
-causal pairs of each document: 4 * N * H flops per pair forward, 2.5x that backward) for every method, so a
-dense method is charged for the same work as a varlen one. Usage::
+causal pairs of each document, or all its pairs with ``--bidirectional``: 4 * N * H flops per pair forward, 2.5x
+that backward) for every method, so a dense method is charged for the same work as a varlen one. Usage::
 
     python benchmarks/attention_bench.py --out bench-attention.json
+    # the vision towers' shapes: non-causal, per-frame segments, head dim 80 (Qwen2.5-VL) and 64 (Qwen3-VL-4B)
+    python benchmarks/attention_bench.py --bidirectional --head-dim 80 --heads 16 --kv-heads 16 --docs 12 48
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-HEAD_DIM = 128
+HEAD_DIM = 128  # defaults: the text layers of the Qwen-VL models
 N_HEADS = 32
 
 
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="total packed tokens")
     p.add_argument("--docs", type=int, nargs="+", default=[8, 16], help="documents per packed row")
     p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8], help="kv heads (32 = MHA, 8 = GQA 4)")
+    p.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    p.add_argument("--heads", type=int, default=N_HEADS, help="query heads")
+    p.add_argument("--bidirectional", action="store_true", help="non-causal within each document (vision towers)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=150.0, help="skip remaining methods once this much time is spent")
@@ -54,8 +59,8 @@ def doc_lengths(total: int, docs: int, seed: int = 0) -> list[int]:
     return lengths.tolist()
 
 
-def useful_flops(lengths: list[int], n_heads: int, head_dim: int) -> float:
-    pairs = sum(n * (n + 1) // 2 for n in lengths)
+def useful_flops(lengths: list[int], n_heads: int, head_dim: int, causal: bool = True) -> float:
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
     return 4.0 * n_heads * head_dim * pairs
 
 
@@ -74,7 +79,7 @@ def time_ms(fn, *, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def make_methods(q_TNH, k_TKH, v_TKH, lengths):
+def make_methods(q_TNH, k_TKH, v_TKH, lengths, causal: bool = True):
     """name -> forward callable returning (T, N, H)-shaped output (any layout), built lazily per method."""
     from qwenvl.attention import varlen_attention
     from qwenvl.packing import VarlenMeta
@@ -85,7 +90,7 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
     meta = VarlenMeta.from_lengths(lengths, device=device)
 
     def ours(backend):
-        return lambda: varlen_attention(q_TNH, k_TKH, v_TKH, meta, causal=True, backend=backend)
+        return lambda: varlen_attention(q_TNH, k_TKH, v_TKH, meta, causal=causal, backend=backend)
 
     def raw_varlen():
         import inspect
@@ -97,7 +102,8 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
         if K != N and not gqa:
             k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
         cu = meta.cu_seqlens
-        return lambda: varlen_attn(q_TNH, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, window_size=(-1, 0), **gqa)
+        window = (-1, 0) if causal else (-1, -1)
+        return lambda: varlen_attn(q_TNH, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, window_size=window, **gqa)
 
     def to_1NTH(t):
         return t.transpose(0, 1).unsqueeze(0)
@@ -110,7 +116,11 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
         def document_causal(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
-        block_mask = create_block_mask(document_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+        def document(b, h, q_idx, kv_idx):
+            return doc[q_idx] == doc[kv_idx]
+
+        mask_mod = document_causal if causal else document
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
         compiled = torch.compile(flex_attention, dynamic=False)
         q, k, v = to_1NTH(q_TNH), to_1NTH(k_TKH), to_1NTH(v_TKH)
         return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=K != N)
@@ -120,7 +130,9 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
 
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
         idx = torch.arange(T, device=device)
-        mask = (doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])
+        mask = doc[:, None] == doc[None, :]
+        if causal:
+            mask &= idx[:, None] >= idx[None, :]
         q, k, v = to_1NTH(q_TNH), to_1NTH(k_TKH), to_1NTH(v_TKH)
         return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != N)
 
@@ -137,13 +149,14 @@ def make_methods(q_TNH, k_TKH, v_TKH, lengths):
 def bench_config(total, docs, kv_heads, args, deadline):
     lengths = doc_lengths(total, docs)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (total, N_HEADS, HEAD_DIM), (total, kv_heads, HEAD_DIM)
+    shape_q, shape_kv = (total, args.heads, args.head_dim), (total, kv_heads, args.head_dim)
     q, k, v = (
         torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
         for s in (shape_q, shape_kv, shape_kv)
     )
-    flops = useful_flops(lengths, N_HEADS, HEAD_DIM)
-    builders = make_methods(q, k, v, lengths)
+    causal = not args.bidirectional
+    flops = useful_flops(lengths, args.heads, args.head_dim, causal)
+    builders = make_methods(q, k, v, lengths, causal)
     rows = []
     for name in args.methods:
         row = {"tokens": total, "docs": docs, "kv_heads": kv_heads, "method": name, "max_doc": max(lengths)}
@@ -204,9 +217,9 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "dtype": "bfloat16",
-            "head_dim": HEAD_DIM,
-            "n_heads": N_HEADS,
-            "causal": True,
+            "head_dim": args.head_dim,
+            "n_heads": args.heads,
+            "causal": not args.bidirectional,
             "warmup": args.warmup,
             "iters": args.iters,
             "rows": rows,

@@ -40,13 +40,37 @@ def test_the_plot_has_a_bar_per_measured_row_and_says_why_it_cannot(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no measured rows" in done.stderr
 
 
-def _model_step():
+def _benchmark(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("model_step", ROOT / "benchmarks" / "model_step.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _model_step():
+    return _benchmark("model_step")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_the_attention_benchmark_times_the_attention_it_names(causal):
+    """The attention benchmark's methods that run on the CPU compute the reference's attention (causal or not,
+    segment by segment) and are charged for exactly the pairs it attends."""
+    from qwenvl.reference.attention import attention_ref, block_diag_mask
+
+    bench = _benchmark("attention_bench")
+    lengths = bench.doc_lengths(40, 3)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    expected = attention_ref(q, k, v, block_diag_mask(lengths, causal))
+    methods = bench.make_methods(q, k, v, lengths, causal)
+    for name in ("ours-sdpa", "dense-sdpa"):
+        out = methods[name]()()
+        out = out[0].transpose(0, 1) if out.ndim == 4 else out
+        torch.testing.assert_close(out, expected, msg=name)
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+    assert bench.useful_flops(lengths, 4, 16, causal) == 4 * 4 * 16 * pairs
 
 
 @pytest.mark.parametrize(
