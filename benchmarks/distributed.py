@@ -114,7 +114,10 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=900, help="seconds per run (the driver)")
     p.add_argument("--tiny", action="store_true", help="smoke test on CPU: the tiny fixture model, gloo, no FSDP2 runs")
     p.add_argument("--report-only", action="store_true", help="run nothing: report the runs found in --workdir")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps <= args.warmup:
+        p.error(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}: give more steps or less warm-up")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,13 +268,13 @@ def worker(name: str) -> None:
     )
 
     record = {"losses": [], "step_end": [], "tokens": []}
-    micro = {"loss": 0.0, "tokens": 0}
+    micro = {"loss": torch.zeros((), dtype=torch.float64, device=device), "tokens": 0}
 
     original = QwenVLTrainer.training_step
 
     def training_step(trainer, model_, inputs, *a, **k):
         loss = original(trainer, model_, inputs, *a, **k)
-        micro["loss"] += float(loss)
+        micro["loss"] += loss.detach()  # on the device: read once a step, at its end, not after every micro-batch
         micro["tokens"] += int(inputs["input_ids"].numel())
         return loss
 
@@ -287,14 +290,14 @@ def worker(name: str) -> None:
             if cuda:
                 torch.cuda.synchronize()
             record["step_end"].append(time.perf_counter())
-            totals = torch.tensor([micro["loss"], micro["tokens"]], dtype=torch.float64, device=device)
+            totals = torch.stack([micro["loss"], torch.tensor(float(micro["tokens"]), dtype=torch.float64, device=device)])
             if world > 1:
                 torch.distributed.all_reduce(totals)
             # each rank's loss is its label-token sum over the global count times the world size: the mean over
             # ranks of the per-rank sums is the step's loss, as the one-GPU run's sum of its micro-batch losses
             record["losses"].append(float(totals[0]) / world)
             record["tokens"].append(int(totals[1]))
-            micro["loss"], micro["tokens"] = 0.0, 0
+            micro["loss"], micro["tokens"] = torch.zeros_like(micro["loss"]), 0
 
     with qwenvl.patch(model):
         trainer = QwenVLTrainer(
