@@ -267,13 +267,16 @@ def worker(name: str) -> None:
         **extra,
     )
 
-    record = {"losses": [], "step_end": [], "tokens": []}
+    record = {"losses": [], "step_end": [], "tokens": [], "timeline": []}
     micro = {"loss": torch.zeros((), dtype=torch.float64, device=device), "tokens": 0}
+    clock = StepClock(cuda)
 
     original = QwenVLTrainer.training_step
 
     def training_step(trainer, model_, inputs, *a, **k):
+        clock.micro_begin(inputs)
         loss = original(trainer, model_, inputs, *a, **k)
+        clock.micro_end()
         micro["loss"] += loss.detach()  # on the device: read once a step, at its end, not after every micro-batch
         micro["tokens"] += int(inputs["input_ids"].numel())
         return loss
@@ -285,11 +288,14 @@ def worker(name: str) -> None:
             if cuda:
                 torch.cuda.synchronize()
             record["step_end"].append(time.perf_counter())
+            clock.last_end = record["step_end"][-1]
 
         def on_step_end(self, args_, state, control, **k):
+            clock.step_end()
             if cuda:
                 torch.cuda.synchronize()
             record["step_end"].append(time.perf_counter())
+            record["timeline"].append(clock.read(record["step_end"][-1]))
             totals = torch.stack([micro["loss"], torch.tensor(float(micro["tokens"]), dtype=torch.float64, device=device)])
             if world > 1:
                 torch.distributed.all_reduce(totals)
@@ -308,11 +314,12 @@ def worker(name: str) -> None:
         trainer.train()
     peak = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [0.0, 0.0]
     dummy = dict(trainer.vision_dummy.dummy_passes) if trainer.vision_dummy is not None else None
-    peaks, dummies = [peak], [dummy]
+    peaks, dummies, timelines = [peak], [dummy], [record["timeline"]]
     if world > 1:
-        peaks, dummies = [None] * world, [None] * world
+        peaks, dummies, timelines = [None] * world, [None] * world, [None] * world
         torch.distributed.all_gather_object(peaks, peak)
         torch.distributed.all_gather_object(dummies, dummy)
+        torch.distributed.all_gather_object(timelines, record["timeline"])
     times = [b - a for a, b in zip(record["step_end"], record["step_end"][1:])]
     timed = times[ARGS.warmup :]
     tokens = record["tokens"][ARGS.warmup :]
@@ -325,6 +332,7 @@ def worker(name: str) -> None:
         "text_rank": ARGS.text_rank,
         "parameters": params,
         "steps": steps,
+        "warmup": ARGS.warmup,
         "gradient_accumulation": SHARDS // world,
         "losses": record["losses"],
         "step_times_s": times,
@@ -335,12 +343,87 @@ def worker(name: str) -> None:
         "peak_reserved_gib": [p[1] for p in peaks],
         "packing": rows.packing.report(),
         "dummy_passes_per_rank": dummies,
+        "timeline_per_rank": timelines,
         "environment": environment(),
     }
     if int(os.environ.get("RANK", "0")) == 0:
         Path(ARGS.result).write_text(json.dumps(result, indent=1) + "\n")
         top = max(p[0] for p in peaks)
         print(f"{name}: {median * 1e3:.0f} ms/step, {result['tokens_per_s']:,.0f} tokens/s, peak {top:.1f} GiB")
+
+
+class StepClock:
+    """Where each optimizer step's time goes on one rank, read once the step has ended (``on_step_end``
+    synchronizes anyway, so reading the CUDA events costs no extra wait)::
+
+        wait       host time from the previous step's end to this step's first micro-batch entering
+                   training_step: the data loader, the batch's copy to the GPU, the Trainer's own work
+        compute    GPU time from the first micro-batch's start to the last one's end: forward and backward,
+                   and whatever of DDP's gradient all-reduce the backward did not hide
+        optimizer  GPU time from there to the step's end: clipping, the optimizer step, zeroing
+        step       host time between step ends (what tokens/s divides by)
+
+    with the rank's tokens and images of the step: a rank that waits at the all-reduce for a slower one shows
+    its idle time as compute, so ranks are compared side by side. CPU (``--tiny``): host times throughout."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.last_end = cuda, time.perf_counter()
+        self._reset()
+
+    def _reset(self):
+        self.entry, self.start, self.end, self.tokens, self.images = None, None, None, 0, 0
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def micro_begin(self, inputs) -> None:
+        if self.start is None:
+            self.entry, self.start = time.perf_counter(), self._mark()
+        self.tokens += int(inputs["input_ids"].numel())
+        grid = inputs.get("image_grid_thw")
+        self.images += 0 if grid is None else int(grid.shape[0])
+
+    def micro_end(self) -> None:
+        self.end = self._mark()
+
+    def step_end(self) -> None:
+        self.finish = self._mark()
+
+    def read(self, now: float) -> dict:
+        """This step's figures; call after synchronizing."""
+        if self.start is None:  # no micro-batch this step
+            row = {"wait_ms": None, "compute_ms": None, "optimizer_ms": None}
+        else:
+            row = {
+                "wait_ms": (self.entry - self.last_end) * 1e3,
+                "compute_ms": self._ms(self.start, self.end),
+                "optimizer_ms": self._ms(self.end, self.finish),
+            }
+        row.update(step_ms=(now - self.last_end) * 1e3, tokens=self.tokens, images=self.images)
+        self.last_end = now
+        self._reset()
+        return row
+
+
+def timeline_summary(run: dict, warmup: int) -> list[dict]:
+    """Per rank, the medians of its timed steps' figures (``StepClock``)."""
+    out = []
+    for rank, steps in enumerate(run.get("timeline_per_rank") or []):
+        timed = [s for s in steps[warmup:] if s["compute_ms"] is not None]
+        if not timed:
+            continue
+        row = {"rank": rank}
+        for key in ("wait_ms", "compute_ms", "optimizer_ms", "step_ms", "tokens", "images"):
+            row[key] = statistics.median(s[key] for s in timed)
+        out.append(row)
+    return out
 
 
 def environment() -> dict:
@@ -403,6 +486,10 @@ def driver() -> int:
         start = time.monotonic()
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        if ARGS.tiny:
+            # the tiny model's ops are too small for intra-op threads: ranks spinning several each on shared cores
+            # ran 10x slower (57 s against 6 s for 3 DDP steps with 8 threads a rank on 16 cores)
+            env["OMP_NUM_THREADS"] = "1"
         if gpus == 1 and not ARGS.tiny:
             # A plain process that sees two GPUs gets wrapped in torch.nn.DataParallel by the Trainer.
             env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -468,6 +555,14 @@ def print_table(runs: dict, comparisons: dict) -> None:
             f"{peak:>13} {c.get('reference', ''):>8} {c.get('max_abs', nan):>10.2e} {c.get('mean_abs', nan):>11.2e} "
             f"{within:>14}"
         )
+    print("\nwhere a step's time goes, per rank (medians of the timed steps, ms; distributed.StepClock):")
+    print(f"  {'run':<10} {'rank':>4} {'wait':>7} {'compute':>8} {'optimizer':>9} {'step':>7} {'tokens':>7} {'images':>6}")
+    for name, r in runs.items():
+        for t in timeline_summary(r, r.get("warmup", 0)):
+            print(
+                f"  {name:<10} {t['rank']:>4} {t['wait_ms']:>7.1f} {t['compute_ms']:>8.1f} {t['optimizer_ms']:>9.1f} "
+                f"{t['step_ms']:>7.1f} {t['tokens']:>7.0f} {t['images']:>6.0f}"
+            )
     print("\nloss per step:")
     for name, r in runs.items():
         print(f"  {name:<10} " + " ".join(f"{x:.4f}" for x in r["losses"]))

@@ -106,3 +106,25 @@ def test_the_cuda_graph_rows_pad_with_a_segment_no_loss_sees():
         expected = model(**model_step.packed_inputs(model, samples, "upstream"), use_cache=False).loss
         loss = model(**padded, use_cache=False).loss
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_distributed_benchmark_runs_on_gloo_and_times_each_rank(tmp_path):
+    """``benchmarks/distributed.py --tiny``: one process against DDP over two (gloo), the same global batch. DDP's
+    losses are the single process's bit for bit (two micro-batches summed in either order), and every rank's
+    timeline accounts for its steps, with the ranks' tokens adding up to the single process's."""
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/distributed.py"), "--tiny", "--runs", "one", "ddp", "--steps", "3",
+           "--warmup", "1", "--workdir", str(tmp_path), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    one, ddp = runs["one"], runs["ddp"]
+    assert ddp["losses"] == one["losses"] and len(one["losses"]) == 3
+    assert [len(t) for t in one["timeline_per_rank"]] == [3] and [len(t) for t in ddp["timeline_per_rank"]] == [3, 3]
+    for step, single in enumerate(one["timeline_per_rank"][0]):
+        ranks = [t[step] for t in ddp["timeline_per_rank"]]
+        assert sum(r["tokens"] for r in ranks) == single["tokens"] > 0
+        assert sum(r["images"] for r in ranks) == single["images"] > 0
+        for row in (single, *ranks):
+            assert 0 < row["compute_ms"] < row["step_ms"] and row["wait_ms"] >= 0 and row["optimizer_ms"] >= 0
+    assert "where a step's time goes" in done.stdout
