@@ -98,6 +98,18 @@ def test_packed_equals_each_sample_alone(family, specs, convention, device):
     _assert_case(result)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_float32_weights_under_bf16_autocast(family, device):
+    """What the Trainer's ``--bf16`` does to a float32 model: the patched packed row and each sample alone, unpatched,
+    both under bf16 autocast, judged by the bf16 rule. Under autocast transformers' text rotary hands fp32 queries
+    and keys with bf16 values (5.25), which its own SDPA casts to bf16; the varlen core must do the same."""
+    if why := FAMILIES[family].release_bug("autocast"):
+        pytest.skip(why)
+    backend = _backend_and_dtype(device)[0]
+    specs = [SampleSpec(text=5, image=(2, 4)), SampleSpec(text=9), SampleSpec(text=3, image=(2, 2))]
+    _assert_case(_run_or_skip(family, backend=backend, device=device, dtype=torch.float32, autocast=torch.bfloat16, specs=specs))
+
+
 HYBRID_FAMILIES = [name for name in FAMILY_NAMES if FAMILIES[name].linear_attention]
 
 

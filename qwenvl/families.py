@@ -281,6 +281,16 @@ FAMILIES: dict[str, FamilySpec] = _registry(
         deepstack_mergers="deepstack_merger_list",
         moe_block="Qwen3VLMoeTextSparseMoeBlock",
         video_group_spans=True,
+        release_bugs=(
+            ReleaseBug(
+                "4.57.0",
+                "5.0.0",
+                "autocast",
+                "Qwen3VLMoeTextSparseMoeBlock.forward scatters its routing weights, cast to the hidden states' dtype "
+                "(float32 weights: float32), into zeros like the gate's logits (bfloat16 under autocast): scatter_ "
+                "refuses the mix, unpatched too (5.0 rewrote the MoE blocks; 5.17 and 5.25 run it)",
+            ),
+        ),
     ),
     FamilySpec(
         name="qwen3_5",

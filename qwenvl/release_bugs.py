@@ -25,6 +25,7 @@ class ReleaseBug:
         "four_rows"      4-row positions of an unpacked row (one sample: an ordinary call, left to the model)
         "unmasked"       an ordinary forward with neither an attention mask nor a cache
         "router_logits"  ``output_router_logits=True`` (the MoE router loss)
+        "autocast"       float32 weights under half-precision autocast
     """
 
     since: str  # the first release with the bug

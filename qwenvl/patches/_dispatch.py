@@ -174,8 +174,25 @@ def _compute_dtype(module, query: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _autocast_common(q, k, v):
+    """Under autocast, queries, keys and values in the autocast dtype, as transformers' own attention computes
+    them there (SDPA is on autocast's lower-precision list, and so are the eager path's matmuls); else unchanged.
+
+    fp32 weights under bf16 autocast give bf16 projections, but the text rotary multiplies q and k by cos/sin made
+    in the embeddings' fp32: transformers 5.25 hands over fp32 q, k with a bf16 v (the varlen kernels take one
+    dtype), 5.17 all three in fp32 (which would resolve ``auto`` to the exact fp32 per-segment path instead of the
+    half-precision kernel the unpatched SDPA runs)."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    if q.dtype == k.dtype == v.dtype == dtype:
+        return q, k, v
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _varlen(module, query_BNLH, key_BKLH, value_BKLH, meta, *, causal, scaling, dropout, window, softcap, state):
     """``meta``: a ``VarlenMeta``, or inside a compiled region the ``(cu_seqlens, host copy or None)`` tensors."""
+    query_BNLH, key_BKLH, value_BKLH = _autocast_common(query_BNLH, key_BKLH, value_BKLH)
     B, N, L, H = query_BNLH.shape
     q_TNH = query_BNLH.transpose(1, 2).reshape(B * L, N, H)
     k_TKH = key_BKLH.transpose(1, 2).reshape(B * L, key_BKLH.shape[1], H)

@@ -6,7 +6,10 @@ For one case (family, backend, device, dtype, convention) on a tiny random model
     out_pt   = each sample alone, unpatched, in the test dtype                   plain PyTorch error
     out      = all samples packed in one row, patched, in the test dtype         what we ship
 
-and the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
+With ``autocast`` (fp32 weights under half-precision autocast, what the Trainer's ``--bf16`` does to a float32
+model) the yardstick and the packed row run under the same autocast and are judged by that half dtype's rule.
+
+And the flash-attention rule: ``max|out - out_ref| <= k * max|out_pt - out_ref| + floor`` (k from
 ``qwenvl.tolerances.TOLERANCES``), for logits and for every parameter gradient of a loss that is linear in the logits.
 With ``fused_cross_entropy`` the packed rows train on labels through the fused loss, which keeps no logits: the
 loss, the same for all three, is judged in their place (``qwenvl.verify.labelled``).
@@ -17,6 +20,7 @@ a packing error; how many tokens would have flipped is reported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import asdict, dataclass
@@ -95,15 +99,22 @@ def run_case(
     linear_backend: str = "auto",
     compile: bool = False,
     fused_cross_entropy: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> CaseResult:
     """One case (the module docstring): the oracle, the yardstick and the patched packed rows, judged by the rule;
-    the packed side is patched with ``backend``, ``linear_backend``, ``compile`` and ``fused_cross_entropy``."""
+    the packed side is patched with ``backend``, ``linear_backend``, ``compile`` and ``fused_cross_entropy``.
+    ``autocast``: the model in ``dtype`` (float32) and both sides under ``torch.autocast`` to this half dtype."""
     from qwenvl.fixtures import tiny_model
     from qwenvl.patches import active_patch
 
     if active_patch() is not None:
         raise RuntimeError("run_case needs the unpatched model as its oracle: revert the active qwenvl patch first")
     _refuse_what_cannot_run(family, specs, device, dtype)
+    if autocast is not None:
+        if dtype != torch.float32:
+            raise ValueError(f"autocast runs a float32 model, got dtype={dtype}")
+        if why := get_family(family).release_bug("autocast"):
+            raise UpstreamLimit(why)
     base = tiny_model(family, seed=seed, attn_implementation=attn_implementation, **(model_overrides or {}))
     gen = torch.Generator().manual_seed(seed)
     rows = split_by_media(base.config, [make_sample(base.config, spec, generator=gen) for spec in specs])
@@ -117,19 +128,20 @@ def run_case(
     pin = _routing_pin(family, base.config)
     with pin.record(ref_model):
         ref = alone(ref_model)
-    with pin.replay(model):
+    half = functools.partial(torch.autocast, torch.device(device).type, dtype=autocast) if autocast else contextlib.nullcontext
+    with pin.replay(model), half():
         pt = alone(model)
     pt_flips = pin.flips
-    with pin.replay(model):
+    with pin.replay(model), half():
         out = packed(model)
     flips = pin.flips
 
-    verdict = judge_runs(tolerance(device, dtype), out, ref, pt)
+    verdict = judge_runs(tolerance(device, autocast or dtype), out, ref, pt)
     return CaseResult(
         family=family,
         backend=backend,
         device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") + (f"+autocast({str(autocast).removeprefix('torch.')})" if autocast else ""),
         convention=convention,
         tokens=sum(batch.input_ids.shape[1] for batch in batches),
         samples=sum(len(batch.items) for batch in batches),
