@@ -76,10 +76,11 @@ def _strict_json(path):
 def _fake_run_case(calls, **result):
     """Stands in for ``run_case`` (a real case takes seconds): records each call, returns a passing row."""
 
-    def run_case(family, *, backend, device, dtype, convention):
-        calls.append((family, backend, device, dtype, convention))
+    def run_case(family, *, backend, device, dtype, convention, autocast=None):
+        calls.append((family, backend, device, dtype, convention, autocast))
         row = dict(
-            family=family, backend=backend, device=device, dtype=str(dtype).removeprefix("torch."),
+            family=family, backend=backend, device=device,
+            dtype=("autocast-" + str(autocast) if autocast else str(dtype)).replace("torch.", ""),
             convention=convention, tokens=1, samples=1, logits_err=0.0, logits_bound=1.0, grad_err=0.0,
             grad_bound=1.0, worst_grad="", passed=True,
         )
@@ -107,7 +108,11 @@ def _choices(*names):
 BAD = [
     pytest.param(["--family", "qwen9_vl"], ["'qwen9_vl'", *_choices(*FAMILIES)], id="family"),
     pytest.param(["--backend", "nope"], ["'nope'", *_choices("auto", *BACKENDS)], id="backend"),
-    pytest.param(["--dtype", "float64"], ["'float64'", *_choices("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")], id="dtype"),
+    pytest.param(
+        ["--dtype", "float64"],
+        ["'float64'", *_choices("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16", "fp32", "bf16", "fp16")],
+        id="dtype",
+    ),
     pytest.param(["--device", "tpu"], ["'tpu'", *_choices("cpu", "cuda")], id="device"),
     pytest.param(["--packing_convention", "packed"], ["'packed'", *_choices(*cli.CONVENTIONS)], id="convention"),
     pytest.param(
@@ -155,12 +160,31 @@ def test_unsupported_transformers_is_one_line(run_calls, monkeypatch, tmp_path, 
     assert err.splitlines() == [err.strip()] and "4.40.0" in err and ">=4.57.0,<6.0.0" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("short, long", [("fp32", "float32"), ("bf16", "bfloat16")])
-def test_dtype_aliases(short, long, run_calls, tmp_path):
+@pytest.mark.parametrize(
+    "short, long, dtype, autocast",
+    [
+        ("fp32", "float32", torch.float32, None),
+        ("bf16", "bfloat16", torch.bfloat16, None),
+        ("autocast-bf16", "autocast-bfloat16", torch.float32, torch.bfloat16),  # a float32 model under autocast
+    ],
+)
+def test_dtype_aliases(short, long, dtype, autocast, run_calls, tmp_path):
     for name in (short, long):
         argv = ["verify", "--family", "qwen2_vl", "--backend", "sdpa", "--packing_convention", "upstream", "--dtype", name]
         assert cli.main([*argv, "--json", str(tmp_path / "r.json")]) == 0
-    assert [call[3] for call in run_calls] == [getattr(torch, long)] * 2
+        assert _strict_json(tmp_path / "r.json")["cases"][0]["dtype"] == long
+    assert [call[3:] for call in run_calls] == [(dtype, "upstream", autocast)] * 2
+
+
+def test_a_release_that_cannot_autocast_a_family_leaves_it_out_named():
+    from qwenvl.verify.plan import _release_limits
+
+    cases = [("qwen3_vl_moe", "sdpa", "cpu", "autocast-bfloat16", "upstream"), ("qwen3_vl_moe", "sdpa", "cpu", "float32", "upstream")]
+    kept, limits = _release_limits(cases, ["qwen3_vl_moe"], "4.57.6")
+    assert kept == cases[1:]
+    assert [(x["family"], x["limit"]) for x in limits] == [("qwen3_vl_moe", "autocast-bfloat16 cannot run on cpu")]
+    assert "scatter_" in limits[0]["reason"] and "4.57.6" in limits[0]["reason"]
+    assert _release_limits(cases, ["qwen3_vl_moe"], "5.25.0") == (cases, [])
 
 
 def test_default_run_says_what_it_skipped_and_why(run_calls, tmp_path, capsys):

@@ -26,7 +26,7 @@ import time
 from dataclasses import fields
 
 from qwenvl.options import CHOICES, PatchOptions, current_names, option_help
-from qwenvl.verify.plan import CONVENTIONS, DEVICES, DTYPE_ALIASES, Plan, supported_combos
+from qwenvl.verify.plan import CONVENTIONS, DEVICES, DTYPE_ALIASES, Plan, case_dtypes, supported_combos
 from qwenvl.verify.plan import make_plan as _plan
 from qwenvl.verify.plan import specs_for as _specs_for
 
@@ -91,7 +91,6 @@ def _print_header(plan: Plan) -> None:
 def _run_one(args, case: tuple[str, str, str, str, str], counter: str) -> dict:
     """One case through ``run_case`` (a crash is a failed case, reported, not a traceback that hides the table):
     its report row, non-finite numbers as ``None``, after printing its progress line."""
-    import torch
     import transformers
 
     from qwenvl.verify.parity import DEFAULT_SPECS, run_case
@@ -103,9 +102,9 @@ def _run_one(args, case: tuple[str, str, str, str, str], counter: str) -> dict:
         options = _patch_options(args)
         specs = _specs_for(family, transformers.__version__)
         limited = {} if specs == DEFAULT_SPECS else {"specs": specs}  # named in the plan's skipped entries
-        dtype = getattr(torch, dtype_name)
         row = run_case(
-            family, backend=backend, device=device, dtype=dtype, convention=convention, **options, **limited
+            family, backend=backend, device=device, convention=convention, **case_dtypes(dtype_name), **options,
+            **limited,
         ).as_dict()
         row.update(options)
     except Exception as exc:
@@ -249,7 +248,8 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
             f"repeatable; one of: {', '.join(dtype_names)} (or {', '.join(aliases)}); each device must have a "
             "tolerance for it: "
             + "; ".join(f"{d}: {', '.join(names)}" for d, names in combos.items())
-            + " (default: float32 on cpu, bfloat16 on cuda)"
+            + " (default: float32 on cpu, bfloat16 on cuda); autocast-<half>: the model in float32 under "
+            "torch.autocast to that dtype, what --bf16 / --fp16 do to a float32 model"
         ),
     )
     p.add_argument(

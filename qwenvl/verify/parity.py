@@ -141,7 +141,7 @@ def run_case(
         family=family,
         backend=backend,
         device=str(device),
-        dtype=str(dtype).removeprefix("torch.") + (f"+autocast({str(autocast).removeprefix('torch.')})" if autocast else ""),
+        dtype=("autocast-" + str(autocast) if autocast else str(dtype)).replace("torch.", ""),  # qwenvl verify's names
         convention=convention,
         tokens=sum(batch.input_ids.shape[1] for batch in batches),
         samples=sum(len(batch.items) for batch in batches),

@@ -26,11 +26,18 @@ __all__ = [
     "make_plan",
     "specs_for",
     "supported_combos",
+    "case_dtypes",
     "all_backends",
 ]
 
 DEVICES = ("cpu", "cuda")
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_ALIASES = {
+    "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "autocast-bf16": "autocast-bfloat16",
+    "autocast-fp16": "autocast-float16",
+}  # fmt: skip
+# A dtype name "autocast-<half>": the model in float32 under torch.autocast to that half dtype (what the Trainer's
+# --bf16 / --fp16 do to a float32 model), judged by the half dtype's tolerance.
+AUTOCAST = "autocast-"
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 
 
@@ -44,13 +51,29 @@ class Plan:
 
 
 def supported_combos() -> dict[str, list[str]]:
-    """Each device's dtype names that have a tolerance entry (``qwenvl.tolerances.TOLERANCES``)."""
+    """Each device's dtype names that have a tolerance entry (``qwenvl.tolerances.TOLERANCES``), and for each half
+    dtype among them its autocast name (``AUTOCAST``)."""
+    import torch
+
     from qwenvl.tolerances import TOLERANCES
 
     combos: dict[str, list[str]] = {}
     for device, dtype in TOLERANCES:
         combos.setdefault(device, []).append(str(dtype).removeprefix("torch."))
+    for device, dtype in TOLERANCES:
+        if dtype in (torch.bfloat16, torch.float16):
+            combos[device].append(AUTOCAST + str(dtype).removeprefix("torch."))
     return combos
+
+
+def case_dtypes(name: str) -> dict:
+    """``run_case``'s dtype keywords for a dtype name: ``{"dtype": ...}``, or for ``autocast-<half>`` a float32 model
+    under autocast to the half dtype."""
+    import torch
+
+    if name.startswith(AUTOCAST):
+        return {"dtype": torch.float32, "autocast": getattr(torch, name.removeprefix(AUTOCAST))}
+    return {"dtype": getattr(torch, name)}
 
 
 def _no_cuda_reason() -> str:
@@ -186,16 +209,23 @@ def _release_limits(cases: list, families: list[str], version: str) -> tuple[lis
     from qwenvl.verify.batches import release_run
     from qwenvl.verify.parity import DEFAULT_SPECS
 
-    no_oracle = {}
+    from qwenvl.families import get_family
+
+    no_oracle, no_autocast = {}, {}
     for family, _, device, dtype, _ in cases:
-        float64 = reference_dtype(device, getattr(torch, dtype)) == torch.float64
+        float64 = reference_dtype(device, case_dtypes(dtype)["dtype"]) == torch.float64
         why = release_run(family, float64=float64, version=version).left_out.get("float64")
         if why:
             no_oracle.setdefault((family, device, dtype), why)
-    cases = [case for case in cases if (case[0], case[2], case[3]) not in no_oracle]
+        elif dtype.startswith(AUTOCAST) and (why := get_family(family).release_bug("autocast", version)):
+            no_autocast.setdefault((family, device, dtype), why)
+    cases = [case for case in cases if (case[0], case[2], case[3]) not in {**no_oracle, **no_autocast}]
     limits = [
         {"family": family, "device": device, "limit": f"no float64 oracle for {dtype} on {device}", "reason": why}
         for (family, device, dtype), why in no_oracle.items()
+    ] + [
+        {"family": family, "device": device, "limit": f"{dtype} cannot run on {device}", "reason": why}
+        for (family, device, dtype), why in no_autocast.items()
     ]
     for family in families:
         why = release_run(family, DEFAULT_SPECS, version=version).left_out.get("videos")
