@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=900, help="seconds per run (the driver)")
     p.add_argument("--tiny", action="store_true", help="smoke test on CPU: the tiny fixture model, gloo, no FSDP2 runs")
     p.add_argument("--report-only", action="store_true", help="run nothing: report the runs found in --workdir")
+    p.add_argument("--balance", action="store_true",
+                   help="run nothing: how evenly the packing splits tokens and estimated compute between the ranks")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps <= args.warmup:
         p.error(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}: give more steps or less warm-up")
@@ -426,6 +428,47 @@ def timeline_summary(run: dict, warmup: int) -> list[dict]:
     return out
 
 
+def vision_token_cost(config) -> float:
+    """What one vision token costs in text tokens' training FLOPs (6 per parameter per token either way): it goes
+    through the text model like any token, and its merged patches (``spatial_merge_size ** 2``) through the tower
+    first. From the parameter counts of the model built on the meta device (attention's quadratic terms left out)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(config)
+    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    text = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}" and "embed_tokens" not in n)
+    if config.tie_word_embeddings:
+        text += config.text_config.vocab_size * config.text_config.hidden_size  # the lm_head's matmul, tied or not
+    patches = config.vision_config.spatial_merge_size**2
+    return (text + patches * vision) / text
+
+
+def balance() -> int:
+    """The packing's split between ranks for this benchmark's data (``--steps`` of ``SHARDS`` rows of ``--budget``
+    tokens): per step, the larger rank's tokens and estimated compute over the mean of the ranks, summed over the
+    steps. DDP waits for the slower rank, so ``SHARDS / (compute ratio)`` bounds its scaling from imbalance alone."""
+    from qwenvl.data import PackedDataset
+
+    config = build_config()
+    n = ARGS.samples or int(ARGS.steps * SHARDS * ARGS.budget / (75 if ARGS.tiny else 850) * 1.15) + 8
+    data = SyntheticData(config, n, seed=0)
+    weight = vision_token_cost(config)
+    vision = [0 if image is None else image[0] * image[1] // config.vision_config.spatial_merge_size**2 for _, image in data.specs]
+    cost = [length + (weight - 1) * v for length, v in zip(data.lengths, vision)]
+    packing = PackedDataset(data, ARGS.budget, seed=0, shards=SHARDS).packing
+    ratios = {}
+    for name, per_sample in (("tokens", data.lengths), ("compute", cost)):
+        per_step = [[sum(per_sample[i] for i in row) for row in step] for step in packing.steps]
+        ratios[name] = sum(max(ranks) for ranks in per_step) / sum(sum(ranks) / len(ranks) for ranks in per_step)
+    print(f"{len(data.lengths)} samples in {len(packing.steps)} steps of {SHARDS} rows of <= {ARGS.budget} tokens; "
+          f"a vision token costs {weight:.2f} text tokens")  # fmt: skip
+    print(f"{'split':<8} {'larger rank over mean':>22} {'scaling bound':>14}")
+    for name, ratio in ratios.items():
+        print(f"{name:<8} {ratio:>22.4f} {SHARDS / ratio:>13.2f}x")
+    return 0
+
+
 def environment() -> dict:
     import accelerate
     import transformers
@@ -575,6 +618,8 @@ if __name__ == "__main__":
     if ARGS.steps is None:
         ARGS.steps = 12 if ARGS.suite == "text-rank" or ARGS.text_rank else 30
     sys.path.insert(0, str(ROOT))
+    if ARGS.balance:
+        sys.exit(balance())
     if ARGS.worker:
         worker(ARGS.worker)
     else:

@@ -128,3 +128,15 @@ def test_the_distributed_benchmark_runs_on_gloo_and_times_each_rank(tmp_path):
         for row in (single, *ranks):
             assert 0 < row["compute_ms"] < row["step_ms"] and row["wait_ms"] >= 0 and row["optimizer_ms"] >= 0
     assert "where a step's time goes" in done.stdout
+
+
+def test_the_distributed_benchmark_estimates_the_ranks_balance():
+    """``--balance``: the packing's split of tokens and of estimated compute between the ranks, with the scaling
+    bound imbalance alone leaves (tokens are balanced by the packer; compute, where images weigh more, less so)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/distributed.py"), "--balance", "--tiny", "--steps", "6"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = dict(re.findall(r"^(tokens|compute)\s+([\d.]+)", done.stdout, re.M))
+    weight = float(re.search(r"a vision token costs ([\d.]+) text tokens", done.stdout).group(1))
+    assert weight > 1 and 1 <= float(rows["tokens"]) <= float(rows["compute"]) < 1.5, done.stdout
+
