@@ -396,6 +396,52 @@ def test_auto_selection_over_a_fake_registry(fakes, device_type, dtype, dropout_
             _registry._resolve.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "lengths, causal, needs_grad, head_dim, first",
+    [
+        ([4096] * 8, True, False, 128, "sdpa"),  # long documents, forward only: measured 1.5x faster per segment
+        ([2048] * 16, True, False, 128, "sdpa"),  # the rule's edge: a mean of exactly FORWARD_SDPA_MIN_MEAN
+        ([4096] * 8, True, True, 128, "flash_attn"),  # training: no shape won consistently with a backward
+        ([512] * 16, True, False, 128, "flash_attn"),  # short documents: per-segment calls measured 2x slower
+        ([4096] * 8, False, False, 128, "flash_attn"),  # bidirectional: not measured
+        ([4096] * 8, True, False, 80, "flash_attn"),  # a head dim not measured
+    ],
+)
+def test_auto_puts_per_segment_sdpa_first_only_where_it_measured_faster(lengths, causal, needs_grad, head_dim, first):
+    """The shape rule of ``auto`` (``_registry.FORWARD_SDPA_MIN_MEAN``): on CUDA with a half dtype, a causal forward
+    without gradients over long segments, at a measured head dim, tries per-segment SDPA first; everything else
+    keeps the documented order. Read from the packing's host boundaries."""
+    meta = VarlenMeta.from_lengths(lengths)
+    long = _registry.long_causal_forward(meta, causal=causal, needs_grad=needs_grad)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, fake in _fakes().items():
+            mp.setitem(BACKENDS, name, fake)
+        _registry._resolve.cache_clear()
+        try:
+            chosen = resolve_backend("auto", device="cuda", dtype=torch.bfloat16, head_dim=head_dim, long_causal_forward=long)
+            assert chosen == first
+            assert resolve_backend("auto", device="cpu", dtype=torch.bfloat16, head_dim=head_dim, long_causal_forward=long) == "sdpa"
+        finally:
+            _registry._resolve.cache_clear()
+
+
+def test_varlen_attention_tells_auto_whether_the_call_is_a_long_forward(monkeypatch):
+    """``varlen_attention`` reads the rule's inputs itself: causal, whether autograd records the call, the packing."""
+    import qwenvl.attention as attention
+
+    seen = []
+    real = attention.resolve_backend
+    monkeypatch.setattr(attention, "resolve_backend", lambda *a, **k: seen.append(k["long_causal_forward"]) or real(*a, **k))
+    q, k, v = (torch.randn(4096, 2, 8) for _ in range(3))
+    meta = VarlenMeta.from_lengths([2048, 2048])
+    with torch.no_grad():
+        varlen_attention(q, k, v, meta, causal=True)
+        varlen_attention(q, k, v, meta, causal=False)
+    varlen_attention(q.requires_grad_(), k, v, meta, causal=True)
+    varlen_attention(q, k, v, VarlenMeta.from_lengths([2048, 1024, 1024]), causal=True)
+    assert seen == [True, False, False, False]
+
+
 @pytest.mark.parametrize("name", ["torch", "flash_attn"])
 def test_refusal_is_checked_before_the_backend_runs(monkeypatch, name):
     """A named backend that refuses an option raises before its attention runs; accepted, it runs once."""

@@ -24,7 +24,7 @@ import torch
 
 from ..packing import VarlenMeta
 from ._common import UnsupportedAttentionOption
-from ._registry import BACKENDS, available_backends, resolve_backend, unavailable_reason
+from ._registry import BACKENDS, available_backends, long_causal_forward, resolve_backend, unavailable_reason
 
 __all__ = [
     "varlen_attention",
@@ -76,6 +76,9 @@ def varlen_attention(
         window=tuple(window),
         softcap=softcap,
         head_dim=q_TNH.shape[-1],
+        long_causal_forward=long_causal_forward(
+            meta, causal=bool(causal), needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q_TNH, k_TKH, v_TKH))
+        ),
     )
     if scale is None:
         scale = 1.0 / math.sqrt(q_TNH.shape[-1])
