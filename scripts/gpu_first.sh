@@ -33,3 +33,10 @@ timeout ${BENCH_S:-200} python3 benchmarks/model_step.py --models qwen2_5_vl qwe
   --methods ours ours+compile ours+compile+fusedce ours+compile+graphs padded --warmup 2 --iters 3 --out "$OUT/syncs.json" 2>&1 | tail -14 | tee "$OUT/syncs.txt"
 timeout ${FULL_S:-150} python3 benchmarks/model_step.py --models qwen2_5_vl --mixes images-12x448 --text-layers 0 \
   --methods ours ours+compile+fusedce ours+compile padded --warmup 2 --iters 3 --out "$OUT/full-depth.json" 2>&1 | tail -10 | tee "$OUT/full-depth.txt"
+# Optional, where the call has time left (issue 19's auto table at the vision towers' shapes; fp32 weights under
+# bf16 autocast on the GPU, the case that crashed every family on 5.25 before the dispatch cast q, k, v):
+[ -n "${ATTN_S:-}" ] && timeout $ATTN_S python3 benchmarks/attention_bench.py --bidirectional --head-dim 80 --heads 16 \
+  --kv-heads 16 --tokens 8192 32768 --docs 12 48 --out "$OUT/attention-vision80.json" 2>&1 | tail -14 | tee "$OUT/attention-vision80.txt"
+[ -n "${AUTOCAST_S:-}" ] && timeout $AUTOCAST_S qwenvl verify --device cuda --dtype autocast-bf16 --packing_convention upstream \
+  --no-golden --json "$OUT/verify-autocast.json" 2>&1 | tail -6 | tee "$OUT/verify-autocast.txt"
+exit 0
