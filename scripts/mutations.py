@@ -337,7 +337,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "fused_loss_gradient_unscaled",
         "the chunked loss's gradients are not divided by the labelled tokens (or num_items_in_batch)",
         "qwenvl/patches/_loss.py",
-        (("        factor = grad_loss.float() * ctx.inverse", "        factor = grad_loss.float()"),),
+        (
+            ("                keep_C = keep_C * inverse", "                pass"),  # bf16 / fp32: divided in the forward
+            ("        factor = grad_loss.float() * ctx.inverse", "        factor = grad_loss.float()"),  # fp16
+        ),
         ("parity_tests/test_fused_loss.py",),
     ),
     Mutation(
@@ -352,10 +355,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("parity_tests/test_fused_loss.py::test_the_chunked_loss_equals_the_unfused_loss_over_many_chunks",),
     ),
     Mutation(
+        "fused_loss_divides_after_rounding_in_bf16",
+        "the chunked loss rounds its bf16 gradients to the input dtype before dividing them (as fp16 must)",
+        "qwenvl/patches/_loss.py",
+        (("        divide_first = hidden_TD.dtype != torch.float16", "        divide_first = False"),),
+        ("parity_tests/test_models.py::test_float32_weights_under_bf16_autocast",),
+    ),
+    Mutation(
         "autocast_dtypes_left_mixed",
         "under autocast the attention dispatch hands the varlen core q, k, v as the model made them (fp32 and bf16)",
         "qwenvl/patches/_dispatch.py",
-        (("    if not torch.is_autocast_enabled(q.device.type):\n        return q, k, v", "    if True:\n        return q, k, v"),),
+        ((
+            "    if not torch.is_autocast_enabled(q.device.type) or torch.float64 in (q.dtype, k.dtype, v.dtype):",
+            "    if True:",
+        ),),
         ("parity_tests/test_models.py::test_float32_weights_under_bf16_autocast",),
     ),
     Mutation(

@@ -182,8 +182,8 @@ def _autocast_common(q, k, v):
     in the embeddings' fp32: transformers 5.25 hands over fp32 q, k with a bf16 v (the varlen kernels take one
     dtype), 5.17 all three in fp32 (which would resolve ``auto`` to the exact fp32 per-segment path instead of the
     half-precision kernel the unpatched SDPA runs)."""
-    if not torch.is_autocast_enabled(q.device.type):
-        return q, k, v
+    if not torch.is_autocast_enabled(q.device.type) or torch.float64 in (q.dtype, k.dtype, v.dtype):
+        return q, k, v  # autocast never casts float64 (SDPA keeps a float64 call in float64)
     dtype = torch.get_autocast_dtype(q.device.type)
     if q.dtype == k.dtype == v.dtype == dtype:
         return q, k, v

@@ -25,7 +25,7 @@ import torch
 
 from qwenvl.packing import HOST_KEY, SKIPPED_KEY, VISUAL_KEY, HostMeta, VarlenMeta
 from qwenvl.patches._handle import WRAPPED as _WRAPPED
-from qwenvl.patches._visual import media_apart, reattaching
+from qwenvl.patches._visual import fills_video_outputs, media_apart, reattaching
 
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
@@ -268,7 +268,7 @@ def entry_forward(original: Callable, state: PatchState | None = None) -> Callab
         with reattaching(self, state):
             kwargs, videos = media_apart(self, state, kwargs)
             out = original(self, **kwargs)
-        if videos is not None and getattr(out, "video_outputs", False) is None:
+        if videos is not None and fills_video_outputs(original) and getattr(out, "video_outputs", False) is None:
             out.video_outputs = videos  # as the forward would return them, had it computed them
         return out
 

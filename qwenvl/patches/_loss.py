@@ -73,9 +73,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     of the weight's (summed in fp32, ``WEIGHT_ROWS`` vocabulary rows at a time, so no vocabulary x hidden
     temporary). Only one chunk's logits exist at a time.
 
-    The gradients are kept unscaled, of order 1, and ``1 / divisor`` times the incoming gradient is applied in fp32
-    in the backward: an fp16 loss scale (the GradScaler's) reaches them before they are rounded to the input dtype,
-    as it would through the unfused loss. Nothing reads a value back: the chunks come from the shape, ``divisor``
+    In float16 the gradients are kept unscaled, of order 1, and ``1 / divisor`` times the incoming gradient is
+    applied in fp32 in the backward: an fp16 loss scale (the GradScaler's) reaches them before they are rounded to
+    the input dtype, as it would through the unfused loss (``softmax - onehot`` over thousands of tokens is below
+    fp16's normal range). In bfloat16 and float32, whose range is fp32's, ``softmax - onehot`` is divided in fp32
+    before that rounding, as the unfused loss divides it; only the incoming gradient waits for the backward. Nothing reads a value back: the chunks come from the shape, ``divisor``
     is a number or a device tensor, and the backward multiplies by its incoming gradient (no test whether that is
     1.0). ``want_grads``: ``torch.is_grad_enabled()`` at the call (under ``no_grad`` no gradient is made).
     """
@@ -88,6 +90,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_weight else None
         grad_bias = torch.zeros(V, dtype=torch.float32, device=weight_VD.device) if need_bias else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden_TD.device)
+        inverse = _inverse(divisor)
+        divide_first = hidden_TD.dtype != torch.float16  # the class docstring: fp16 keeps its gradients unscaled
         step = max(1, CHUNK_ELEMENTS // max(V, 1))
         for start in range(0, T, step):
             x_CD, y_C = hidden_TD[start : start + step], targets_T[start : start + step]
@@ -105,6 +109,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # softmax - onehot on labelled rows, 0 on the others: one pass over the chunk, then the targets
             keep_C = labelled_C.to(exp_CV.dtype)
+            if divide_first:
+                keep_C = keep_C * inverse
             grad_CV = exp_CV.mul_((keep_C / sum_C)[:, None])
             grad_CV.scatter_add_(1, y_C[:, None], -keep_C[:, None])
             if need_bias:
@@ -117,7 +123,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight[row : row + WEIGHT_ROWS] += grad_CV[:, row : row + WEIGHT_ROWS].t() @ x_CD
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight_VD.dtype, None if bias_V is None else bias_V.dtype)
-        ctx.inverse = _inverse(divisor)
+        ctx.inverse = 1.0 if divide_first else inverse
         return loss / divisor
 
     @staticmethod
@@ -158,7 +164,20 @@ def linear_cross_entropy(
         divisor = num_items_in_batch.to(hidden_TD.device, torch.float32)
     else:  # a number, or a CPU tensor: read on the host, no upload to wait for
         divisor = float(num_items_in_batch)
+    device = hidden_TD.device.type
+    if torch.is_autocast_enabled(device) and hidden_TD.dtype in _AUTOCAST_CASTS and weight_VD.dtype in _AUTOCAST_CASTS:
+        # The unfused head under autocast is a linear in the autocast dtype: its inputs cast (autograd records the
+        # casts, so the gradients come back in the parameters' dtype), then the loss as for a half-precision
+        # model. Inside, autocast off: left on, it rounded the logits' matmul but not the gradients' (``out=``).
+        dtype = torch.get_autocast_dtype(device)
+        hidden_TD, weight_VD = hidden_TD.to(dtype), weight_VD.to(dtype)
+        bias_V = None if bias_V is None else bias_V.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, divisor, torch.is_grad_enabled())
     return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, divisor, torch.is_grad_enabled())
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
 
 
 def _output_head(model) -> torch.nn.Linear:

@@ -47,7 +47,7 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
 
-__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "media_apart", "grid_to_device"]
+__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "media_apart", "fills_video_outputs", "grid_to_device"]
 
 
 def placeholder_mask(original: Callable, state: PatchState) -> Callable:
@@ -251,6 +251,19 @@ def reattaching(model, state: PatchState | None) -> Iterator[None]:
         )
 
 
+_NOT_HANDED_ON = ("return_dict", "past_key_values", "cache")
+
+
+@functools.lru_cache(maxsize=None)
+def fills_video_outputs(forward: Callable) -> bool:
+    """Whether an entry class's original ``forward`` returns the videos' features as ``video_outputs`` (Qwen3-VL's
+    does from 5.x; the Qwen3-Omni thinker's inner model never does): read from its source."""
+    try:
+        return "video_outputs=" in inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _takes_var_kwargs(function: Callable) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
 
@@ -277,7 +290,8 @@ def media_apart(model, state: PatchState | None, kwargs: dict) -> tuple[dict, ob
     kwargs = dict(kwargs)
     videos, grid = kwargs.pop("pixel_values_videos"), kwargs.pop("video_grid_thw", None)
     named = set(inspect.signature(getattr(type(model).forward, _WRAPPED, type(model).forward)).parameters)
-    passed = {k: v for k, v in kwargs.items() if k not in named}  # what the forward hands on in its **kwargs
+    # what the forward hands on in its **kwargs: not what its decorators take first (return_dict) or the cache
+    passed = {k: v for k, v in kwargs.items() if k not in named and k not in _NOT_HANDED_ON}
     before = len(state.pending)
     out = model.get_video_features(videos, grid, return_dict=True, **passed)
     if len(state.pending) != before + 1 or state.pending[-1][0] is not out:
