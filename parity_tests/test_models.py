@@ -118,6 +118,24 @@ def test_float32_weights_under_bf16_autocast(family, fused, device):
         ))  # fmt: skip
 
 
+def test_an_unpatched_model_that_cannot_autocast_is_an_upstream_limit(monkeypatch):
+    """Where the unpatched model itself fails under autocast (a kernel with no autocast rule on some device), the case
+    is the release's limit, named, not a failure of the patch; without autocast the same error stays an error."""
+    import qwenvl.verify.parity as parity
+
+    real = parity.run_alone
+
+    def run_alone(model, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("expected mat1 and mat2 to have the same dtype")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(parity, "run_alone", run_alone)
+    with pytest.raises(UpstreamLimit, match=r"unpatched qwen2_vl fails under torch.bfloat16 autocast on cpu: RuntimeError: expected mat1"):
+        run_case("qwen2_vl", dtype=torch.float32, autocast=torch.bfloat16, specs=[SampleSpec(text=3)])
+    assert run_case("qwen2_vl", dtype=torch.float32, specs=[SampleSpec(text=3)]).passed
+
+
 def test_a_float64_model_under_autocast_stays_in_float64():
     """Autocast never casts float64 (SDPA keeps a float64 call in float64): neither does the patch's attention."""
     model = tiny_model("qwen2_5_vl", seed=0).double()

@@ -130,7 +130,14 @@ def run_case(
         ref = alone(ref_model)
     half = functools.partial(torch.autocast, torch.device(device).type, dtype=autocast) if autocast else contextlib.nullcontext
     with pin.replay(model), half():
-        pt = alone(model)
+        try:
+            pt = alone(model)
+        except Exception as exc:
+            if autocast is None:
+                raise
+            # the unpatched model cannot run under this autocast at all (a kernel without an autocast rule, say):
+            # a limit of the release and device, not of the patch
+            raise UpstreamLimit(f"the unpatched {family} fails under {autocast} autocast on {device}: {type(exc).__name__}: {exc}") from exc
     pt_flips = pin.flips
     with pin.replay(model), half():
         out = packed(model)
