@@ -429,19 +429,15 @@ def timeline_summary(run: dict, warmup: int) -> list[dict]:
 
 
 def vision_token_cost(config) -> float:
-    """What one vision token costs in text tokens' training FLOPs (6 per parameter per token either way): it goes
-    through the text model like any token, and its merged patches (``spatial_merge_size ** 2``) through the tower
-    first. From the parameter counts of the model built on the meta device (attention's quadratic terms left out)."""
+    """What one vision token costs in text tokens' training FLOPs (``qwenvl.flops``), from the parameter counts of
+    the model built on the meta device (attention's products left out)."""
     import transformers
+
+    from qwenvl.flops import matmul_parameters
 
     with torch.device("meta"):
         model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(config)
-    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
-    text = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in f".{n}" and "embed_tokens" not in n)
-    if config.tie_word_embeddings:
-        text += config.text_config.vocab_size * config.text_config.hidden_size  # the lm_head's matmul, tied or not
-    patches = config.vision_config.spatial_merge_size**2
-    return (text + patches * vision) / text
+    return matmul_parameters(model).vision_token_cost(config.vision_config.spatial_merge_size**2)
 
 
 def balance() -> int:

@@ -202,9 +202,9 @@ def _add_token_types(model, inputs):
 
 
 def flops_per_step(model, samples) -> float:
-    """The module docstring's formula."""
-    text_params = sum(p.numel() for n, p in model.named_parameters() if not any(k in n for k in ("visual", "embed_tokens", "lm_head")))
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if "visual" in n)
+    """The module docstring's formula (its matmul part: ``qwenvl.flops``)."""
+    from qwenvl.flops import matmul_parameters
+
     tokens = sum(len(s) for s in samples)
     patches = sum(int(g.prod(-1).sum()) for s in samples for g in (s.image_grid_thw, s.video_grid_thw) if g is not None)
     cfg = model.config.text_config
@@ -212,8 +212,7 @@ def flops_per_step(model, samples) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     causal_pairs = sum(len(s) * (len(s) + 1) / 2 for s in samples)
     attn = 3 * 4 * causal_pairs * cfg.num_attention_heads * head_dim * attn_layers
-    lm_head = 6 * cfg.vocab_size * cfg.hidden_size * tokens
-    return 6 * text_params * tokens + lm_head + 6 * vision_params * patches + attn
+    return matmul_parameters(model).training_flops(tokens, patches) + attn
 
 
 def method_inputs(model, method, samples):

@@ -140,3 +140,27 @@ def test_the_distributed_benchmark_estimates_the_ranks_balance():
     weight = float(re.search(r"a vision token costs ([\d.]+) text tokens", done.stdout).group(1))
     assert weight > 1 and 1 <= float(rows["tokens"]) <= float(rows["compute"]) < 1.5, done.stdout
 
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_omni_moe_thinker"])
+def test_the_flop_model_counts_every_parameter_once_where_a_token_meets_it(family, tied):
+    """``qwenvl.flops``: text + vision + the token embedding + further towers are every parameter, once; the output
+    head's matmul counts as vocab x hidden whether or not it is tied to the embedding (tied, it is no parameter of its
+    own); the benchmarks' FLOPs and a vision token's cost follow from the counts."""
+    from qwenvl.families import FAMILIES
+    from qwenvl.fixtures import tiny_model
+    from qwenvl.flops import matmul_parameters
+
+    model = tiny_model(family, seed=0)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    counts = matmul_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    others = sum(p.numel() for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in FAMILIES[family].other_towers for p in m.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert counts.text + counts.vision + embedding + others + (0 if tied else counts.lm_head) == total
+    text = model.config.get_text_config()
+    assert counts.lm_head == text.vocab_size * text.hidden_size and counts.vision > 0 and (others > 0) == (family == "qwen3_omni_moe_thinker")
+    assert counts.training_flops(10, 8) == 6 * (counts.text + counts.lm_head) * 10 + 6 * counts.vision * 8
+    assert counts.vision_token_cost(4) == pytest.approx(1 + 4 * counts.vision / (counts.text + counts.lm_head))
+
