@@ -216,6 +216,34 @@ def test_non_finite_errors_are_null_in_the_report(monkeypatch, tmp_path):
     assert case["logits_err"] is None and case["grad_err"] is None and case["passed"] is False
 
 
+def test_a_case_the_unpatched_model_cannot_run_is_a_named_limit_not_a_failure(monkeypatch, tmp_path, capsys):
+    """``run_case`` raising ``UpstreamLimit`` once running (an unpatched model that fails under autocast on this
+    device): the case joins what was left out, with why, in the output, the JSON and the last line; the others run."""
+    import qwenvl.verify.parity as parity
+    from qwenvl.release_bugs import UpstreamLimit
+
+    calls = []
+    fake = _fake_run_case(calls)
+
+    def run_case(family, **kwargs):
+        if family == "qwen2_5_vl":
+            raise UpstreamLimit("the unpatched qwen2_5_vl fails under torch.bfloat16 autocast on cpu: RuntimeError: x")
+        return fake(family, **kwargs)
+
+    monkeypatch.setattr(parity, "run_case", run_case)
+    out = tmp_path / "r.json"
+    argv = ["verify", "--family", "qwen2_vl", "--family", "qwen2_5_vl", "--backend", "sdpa", "--packing_convention",
+            "upstream", "--dtype", "autocast-bf16", "--no_golden", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = _strict_json(out)
+    assert [c["family"] for c in report["cases"]] == ["qwen2_vl"]
+    limit = {"family": "qwen2_5_vl", "device": "cpu", "limit": "autocast-bfloat16 cannot run on cpu",
+             "reason": "the unpatched qwen2_5_vl fails under torch.bfloat16 autocast on cpu: RuntimeError: x"}  # fmt: skip
+    assert limit in report["skipped"]
+    assert "LIMIT (the unpatched qwen2_5_vl fails" in printed and "qwen2_5_vl: autocast-bfloat16 cannot run on cpu" in printed
+
+
 def test_help_is_plain_text_and_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["-h"])
