@@ -49,6 +49,7 @@ def varlen_attention(
     softcap: float = 0.0,
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
+    training: bool = False,
 ) -> torch.Tensor:
     """Attention within each packed segment; returns ``(T, N, H)`` in the dtype of ``q``.
 
@@ -65,6 +66,9 @@ def varlen_attention(
         backend: a name from ``BACKENDS`` or ``"auto"``.
         compute_dtype: the half dtype fp32 inputs are cast to for fp16/bf16-only kernels; default the CUDA
             autocast dtype if autocast is on, else bfloat16.
+        training: the calling module is training. ``auto``'s shape rule for forward-only calls then stays off:
+            a reentrant activation checkpoint runs its first pass without gradients and recomputes with them, and
+            both passes must take the same kernel.
     """
     _check_inputs(q_TNH, k_TKH, v_TKH, meta)
     _check_options(dropout_p, window, softcap)
@@ -77,7 +81,9 @@ def varlen_attention(
         softcap=softcap,
         head_dim=q_TNH.shape[-1],
         long_causal_forward=long_causal_forward(
-            meta, causal=bool(causal), needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q_TNH, k_TKH, v_TKH))
+            meta,
+            causal=bool(causal),
+            needs_grad=training or (torch.is_grad_enabled() and any(t.requires_grad for t in (q_TNH, k_TKH, v_TKH))),
         ),
     )
     if scale is None:

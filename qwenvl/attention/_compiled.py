@@ -70,9 +70,11 @@ def _eager(q, k, v, cu_seqlens, host_cu, causal, scale, window_left, window_righ
 
     meta = _meta(cu_seqlens, _host_offsets(cu_seqlens, host_cu))
     dtype = None if compute_dtype == "" else getattr(torch, compute_dtype)
+    # training=True: the operator's body runs without autograd whether or not a backward follows, and the backward
+    # recomputes the forward with gradients; both must take the same kernel (auto's forward-only rule stays off)
     return varlen_attention(
         q, k, v, meta, causal=causal, scale=scale, window=(window_left, window_right), softcap=softcap,
-        backend=backend, compute_dtype=dtype,
+        backend=backend, compute_dtype=dtype, training=True,
     )
 
 

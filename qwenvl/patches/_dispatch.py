@@ -226,6 +226,7 @@ def _varlen(module, query_BNLH, key_BKLH, value_BKLH, meta, *, causal, scaling, 
         softcap=softcap,
         backend=state.backend,
         compute_dtype=_compute_dtype(module, query_BNLH),
+        training=bool(getattr(module, "training", False)),
     )
     return out_TNH.reshape(B, L, N, out_TNH.shape[-1]), None
 
