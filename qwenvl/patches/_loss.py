@@ -77,9 +77,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     applied in fp32 in the backward: an fp16 loss scale (the GradScaler's) reaches them before they are rounded to
     the input dtype, as it would through the unfused loss (``softmax - onehot`` over thousands of tokens is below
     fp16's normal range). In bfloat16 and float32, whose range is fp32's, ``softmax - onehot`` is divided in fp32
-    before that rounding, as the unfused loss divides it; only the incoming gradient waits for the backward. Nothing reads a value back: the chunks come from the shape, ``divisor``
-    is a number or a device tensor, and the backward multiplies by its incoming gradient (no test whether that is
-    1.0). ``want_grads``: ``torch.is_grad_enabled()`` at the call (under ``no_grad`` no gradient is made).
+    before that rounding, as the unfused loss divides it; only the incoming gradient waits for the backward.
+
+    Nothing reads a value back: the chunks come from the shape, ``divisor`` is a number or a device tensor, and the
+    backward multiplies by its incoming gradient (no test whether that is 1.0). ``want_grads``:
+    ``torch.is_grad_enabled()`` at the call (under ``no_grad`` no gradient is made).
     """
 
     @staticmethod
