@@ -219,8 +219,7 @@ def worker(name: str) -> None:
     steps = ARGS.steps
     config = build_config()
 
-    # Enough samples for the steps: 2 rows of ~budget tokens each per step (mean sample ~850 tokens; tiny ~75).
-    n = ARGS.samples or int(steps * SHARDS * ARGS.budget / (75 if ARGS.tiny else 850) * 1.15) + 8
+    n = sample_count(steps)
     data = SyntheticData(config, n, seed=0)
     if ARGS.text_rank:
         data = SyntheticData(config, n, seed=0, text_only=frozenset(shard_by_tokens(data.lengths, SHARDS, seed=0)[1]))
@@ -428,6 +427,12 @@ def timeline_summary(run: dict, warmup: int) -> list[dict]:
     return out
 
 
+def sample_count(steps: int) -> int:
+    """``--samples``, or enough for ``steps`` steps of ``SHARDS`` rows of ``--budget`` tokens (a sample is ~850
+    tokens on average, ~75 with ``--tiny``), with room to spare."""
+    return ARGS.samples or int(steps * SHARDS * ARGS.budget / (75 if ARGS.tiny else 850) * 1.15) + 8
+
+
 def vision_token_cost(config) -> float:
     """What one vision token costs in text tokens' training FLOPs (``qwenvl.flops``), from the parameter counts of
     the model built on the meta device (attention's products left out)."""
@@ -447,7 +452,7 @@ def balance() -> int:
     from qwenvl.data import PackedDataset
 
     config = build_config()
-    n = ARGS.samples or int(ARGS.steps * SHARDS * ARGS.budget / (75 if ARGS.tiny else 850) * 1.15) + 8
+    n = sample_count(ARGS.steps)
     data = SyntheticData(config, n, seed=0)
     weight = vision_token_cost(config)
     vision = [0 if image is None else image[0] * image[1] // config.vision_config.spatial_merge_size**2 for _, image in data.specs]

@@ -425,15 +425,25 @@ def test_auto_puts_per_segment_sdpa_first_only_where_it_measured_faster(lengths,
             _registry._resolve.cache_clear()
 
 
-def test_varlen_attention_tells_auto_whether_the_call_is_a_long_forward(monkeypatch):
-    """``varlen_attention`` reads the rule's inputs itself: causal, whether autograd records the call, the packing."""
+def _long_forward_answers(monkeypatch) -> list[bool]:
+    """What each call tells ``auto`` about the forward-only rule (``long_causal_forward``), in call order."""
     import qwenvl.attention as attention
 
     seen = []
     real = attention.resolve_backend
     monkeypatch.setattr(attention, "resolve_backend", lambda *a, **k: seen.append(k["long_causal_forward"]) or real(*a, **k))
-    q, k, v = (torch.randn(4096, 2, 8) for _ in range(3))
-    meta = VarlenMeta.from_lengths([2048, 2048])
+    return seen
+
+
+def _two_long_segments():
+    """q, k, v of two 2048-token segments (the rule's threshold) and their packing."""
+    return (*(torch.randn(4096, 2, 8) for _ in range(3)), VarlenMeta.from_lengths([2048, 2048]))
+
+
+def test_varlen_attention_tells_auto_whether_the_call_is_a_long_forward(monkeypatch):
+    """``varlen_attention`` reads the rule's inputs itself: causal, whether autograd records the call, the packing."""
+    seen = _long_forward_answers(monkeypatch)
+    q, k, v, meta = _two_long_segments()
     with torch.no_grad():
         varlen_attention(q, k, v, meta, causal=True)
         varlen_attention(q, k, v, meta, causal=False)
@@ -441,6 +451,18 @@ def test_varlen_attention_tells_auto_whether_the_call_is_a_long_forward(monkeypa
     varlen_attention(q.requires_grad_(), k, v, meta, causal=True)
     varlen_attention(q, k, v, VarlenMeta.from_lengths([2048, 1024, 1024]), causal=True)
     assert seen == [True, False, False, False, False]
+
+
+def test_the_compiled_operator_never_takes_the_forward_only_rule(monkeypatch):
+    """The compiled operator's body runs without autograd even in training, and its backward recomputes the forward
+    with gradients: both must resolve the same kernel, so the forward-only shape rule stays off there."""
+    from qwenvl.attention._compiled import _eager
+
+    seen = _long_forward_answers(monkeypatch)
+    q, k, v, meta = _two_long_segments()
+    with torch.no_grad():
+        _eager(q, k, v, meta.cu_seqlens, meta.host_cu_seqlens, True, 0.35, -1, 0, 0.0, "auto", "")
+    assert seen == [False]
 
 
 @pytest.mark.parametrize("name", ["torch", "flash_attn"])
@@ -545,19 +567,3 @@ def test_import_loads_no_optional_backend():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_the_compiled_operator_never_takes_the_forward_only_rule(monkeypatch):
-    """The compiled operator's body runs without autograd even in training, and its backward recomputes the forward
-    with gradients: both must resolve the same kernel, so the forward-only shape rule stays off there."""
-    import qwenvl.attention as attention
-    from qwenvl.attention._compiled import _eager
-
-    seen = []
-    real = attention.resolve_backend
-    monkeypatch.setattr(attention, "resolve_backend", lambda *a, **k: seen.append(k["long_causal_forward"]) or real(*a, **k))
-    q, k, v = (torch.randn(4096, 2, 8) for _ in range(3))
-    meta = VarlenMeta.from_lengths([2048, 2048])
-    with torch.no_grad():
-        _eager(q, k, v, meta.cu_seqlens, meta.host_cu_seqlens, True, 0.35, -1, 0, 0.0, "auto", "")
-    assert seen == [False]

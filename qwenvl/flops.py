@@ -45,8 +45,9 @@ def matmul_parameters(model) -> MatmulParameters:
     from qwenvl.families import family_of_model
 
     spec = family_of_model(model)
-    vision = spec.vision_tower_in(model)
-    vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
+    tower = spec.vision_tower_in(model)
+    vision = list(tower.parameters()) if tower is not None else []
+    vision_ids = {id(p) for p in vision}
     other_ids = {
         id(p) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in spec.other_towers for p in module.parameters()
     }
@@ -57,4 +58,4 @@ def matmul_parameters(model) -> MatmulParameters:
         for p in model.parameters()
         if id(p) not in vision_ids and id(p) not in other_ids and p is not embedding and p is not head
     )
-    return MatmulParameters(text=text, lm_head=head.numel(), vision=sum(p.numel() for p in (vision.parameters() if vision is not None else ())))
+    return MatmulParameters(text=text, lm_head=head.numel(), vision=sum(p.numel() for p in vision))

@@ -365,10 +365,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "autocast_dtypes_left_mixed",
         "under autocast the attention dispatch hands the varlen core q, k, v as the model made them (fp32 and bf16)",
         "qwenvl/patches/_dispatch.py",
-        ((
-            "    if not torch.is_autocast_enabled(q.device.type) or torch.float64 in (q.dtype, k.dtype, v.dtype):",
-            "    if True:",
-        ),),
+        (("    if dtype is None or q.dtype == k.dtype == v.dtype == dtype:", "    if True:"),),
         ("parity_tests/test_models.py::test_float32_weights_under_bf16_autocast",),
     ),
     Mutation(

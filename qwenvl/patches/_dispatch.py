@@ -174,6 +174,18 @@ def _compute_dtype(module, query: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
+
+
+def autocast_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs these tensors' matmuls in, or ``None``: autocast off on their device, or one of them
+    of a dtype autocast leaves alone (float64)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device) or any(t.dtype not in _AUTOCAST_CASTS for t in tensors):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _autocast_common(q, k, v):
     """Under autocast, queries, keys and values in the autocast dtype, as transformers' own attention computes
     them there (SDPA is on autocast's lower-precision list, and so are the eager path's matmuls); else unchanged.
@@ -182,10 +194,8 @@ def _autocast_common(q, k, v):
     in the embeddings' fp32: transformers 5.25 hands over fp32 q, k with a bf16 v (the varlen kernels take one
     dtype), 5.17 all three in fp32 (which would resolve ``auto`` to the exact fp32 per-segment path instead of the
     half-precision kernel the unpatched SDPA runs)."""
-    if not torch.is_autocast_enabled(q.device.type) or torch.float64 in (q.dtype, k.dtype, v.dtype):
-        return q, k, v  # autocast never casts float64 (SDPA keeps a float64 call in float64)
-    dtype = torch.get_autocast_dtype(q.device.type)
-    if q.dtype == k.dtype == v.dtype == dtype:
+    dtype = autocast_dtype(q, k, v)  # None with float64 among them: SDPA keeps a float64 call in float64
+    if dtype is None or q.dtype == k.dtype == v.dtype == dtype:
         return q, k, v
     return q.to(dtype), k.to(dtype), v.to(dtype)
 

@@ -166,20 +166,18 @@ def linear_cross_entropy(
         divisor = num_items_in_batch.to(hidden_TD.device, torch.float32)
     else:  # a number, or a CPU tensor: read on the host, no upload to wait for
         divisor = float(num_items_in_batch)
-    device = hidden_TD.device.type
-    if torch.is_autocast_enabled(device) and hidden_TD.dtype in _AUTOCAST_CASTS and weight_VD.dtype in _AUTOCAST_CASTS:
+    from qwenvl.patches._dispatch import autocast_dtype
+
+    dtype = autocast_dtype(hidden_TD, weight_VD)
+    if dtype is not None:
         # The unfused head under autocast is a linear in the autocast dtype: its inputs cast (autograd records the
         # casts, so the gradients come back in the parameters' dtype), then the loss as for a half-precision
         # model. Inside, autocast off: left on, it rounded the logits' matmul but not the gradients' (``out=``).
-        dtype = torch.get_autocast_dtype(device)
         hidden_TD, weight_VD = hidden_TD.to(dtype), weight_VD.to(dtype)
         bias_V = None if bias_V is None else bias_V.to(dtype)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(hidden_TD.device.type, enabled=False):
             return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, divisor, torch.is_grad_enabled())
     return _ChunkedLinearCrossEntropy.apply(hidden_TD, weight_VD, bias_V, targets_T, divisor, torch.is_grad_enabled())
-
-
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
 
 
 def _output_head(model) -> torch.nn.Linear:

@@ -47,7 +47,9 @@ from qwenvl.patches._handle import WRAPPED as _WRAPPED
 if TYPE_CHECKING:
     from qwenvl.patches._dispatch import PatchState
 
-__all__ = ["placeholder_mask", "deepstack", "features", "reattaching", "media_apart", "fills_video_outputs", "grid_to_device"]
+__all__ = [
+    "placeholder_mask", "deepstack", "features", "reattaching", "media_apart", "fills_video_outputs", "grid_to_device",
+]  # fmt: skip
 
 
 def placeholder_mask(original: Callable, state: PatchState) -> Callable:

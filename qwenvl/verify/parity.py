@@ -40,6 +40,7 @@ from qwenvl.verify.batches import (
     split_by_media,
 )
 from qwenvl.verify.labelled import alone_loss, packed_loss
+from qwenvl.verify.plan import AUTOCAST
 from qwenvl.verify.routing import RoutingPin
 from qwenvl.verify.runs import judge_runs, loss_weights, run_alone, run_packed
 
@@ -148,7 +149,7 @@ def run_case(
         family=family,
         backend=backend,
         device=str(device),
-        dtype=("autocast-" + str(autocast) if autocast else str(dtype)).replace("torch.", ""),  # qwenvl verify's names
+        dtype=(AUTOCAST + str(autocast) if autocast else str(dtype)).replace("torch.", ""),  # qwenvl verify's names
         convention=convention,
         tokens=sum(batch.input_ids.shape[1] for batch in batches),
         samples=sum(len(batch.items) for batch in batches),
