@@ -30,6 +30,7 @@ import torch
 
 HEAD_DIM = 128  # defaults: the text layers of the Qwen-VL models
 N_HEADS = 32
+METHODS = ("ours-torch", "ours-auto", "raw-varlen", "ours-sdpa", "flex", "dense-sdpa")  # make_methods' keys
 
 
 def parse_args(argv=None):
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=150.0, help="skip remaining methods once this much time is spent")
-    p.add_argument("--methods", nargs="+", default=["ours-torch", "ours-auto", "raw-varlen", "ours-sdpa", "flex", "dense-sdpa"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     return p.parse_args(argv)
 
 

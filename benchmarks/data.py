@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 
-def _parse(argv):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the results as JSON to this path")
     p.add_argument("--text-rows", type=int, default=100_000)
@@ -68,7 +68,7 @@ def _timed(build):
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
+    args = parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="qwenvl-data-bench-"))
     os.environ["QWENVL_CACHE_DIR"] = str(scratch / "cache")
     try:

@@ -90,7 +90,7 @@ def child(args) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--pad-to", type=int, nargs="+", default=[0, 512, 8192], help="pad_to_multiple_of per run; 0: none; the budget: one shape")
@@ -103,6 +103,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error(f"--steps must be at least 2 (the first step compiles, the rest give the median), got {args.steps}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return 0

@@ -55,6 +55,14 @@ import torch
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12}
 UPSTREAM = "upstream-4.57"  # run by upstream_step.py in its own process, on transformers 4.57.6
+# qwenvl.patch's options per method (the other methods are their own branch of method_inputs)
+PATCHED = {
+    "ours": {},
+    "ours+fusedce": {"fused_cross_entropy": True},
+    "ours+compile": {"compile": True},
+    "ours+compile+fusedce": {"compile": True, "fused_cross_entropy": True},
+}
+METHODS = (*PATCHED, "ours+compile+graphs", "ours-nohost", "native-packed", "padded", UPSTREAM)
 GRAPH_MULTIPLE = 2048  # ours+compile+graphs: rows padded to a multiple of this many tokens
 
 VOCAB = 151_936
@@ -219,14 +227,8 @@ def method_inputs(model, method, samples):
     """``method``'s patch (a context manager) and its batch, on the host."""
     import qwenvl
 
-    patch_kwargs = {
-        "ours": {},
-        "ours+fusedce": {"fused_cross_entropy": True},
-        "ours+compile": {"compile": True},
-        "ours+compile+fusedce": {"compile": True, "fused_cross_entropy": True},
-    }
-    if method in patch_kwargs:
-        ctx = qwenvl.patch(model, **patch_kwargs[method])
+    if method in PATCHED:
+        ctx = qwenvl.patch(model, **PATCHED[method])
         inputs = packed_inputs(model, samples, "upstream")
     elif method == "ours+compile+graphs":
         ctx = _graphs_patch(model)
@@ -412,7 +414,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["qwen2_5_vl", "qwen3_vl"], choices=list(CONFIGS))
     p.add_argument("--mixes", nargs="+", default=["images-12x448", "mixed"], choices=list(MIXES))
-    p.add_argument("--methods", nargs="+", default=["ours", "ours-nohost", "ours+compile", "ours+compile+fusedce", "native-packed", "padded"])
+    p.add_argument("--methods", nargs="+", default=["ours", "ours-nohost", "ours+compile", "ours+compile+fusedce", "native-packed", "padded"],
+                   choices=METHODS)
     p.add_argument("--text-layers", type=int, default=8, help="text decoder layers; 0: the real model's (full depth)")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing (transformers' gradient_checkpointing_enable): the 7B/8B at full depth on one GPU")
@@ -425,13 +428,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, with every check that needs no GPU (one line and exit 2 otherwise)."""
     args = _parser().parse_args(argv)
     if UPSTREAM in args.methods and not (args.upstream_site and args.upstream_checkout):
         print(f"model_step.py: --methods {UPSTREAM} needs --upstream-site DIR (a pip install --target folder holding "
               "transformers==4.57.6) and --upstream-checkout DIR (QwenLM/Qwen3-VL's qwen-vl-finetune folder); "
               "docs/benchmarks.md says how", file=sys.stderr)
-        return 2
+        raise SystemExit(2)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import transformers
 
     gpu = torch.cuda.get_device_name()

@@ -65,6 +65,7 @@ def test_the_attention_benchmark_times_the_attention_it_names(causal):
     q, k, v = (torch.randn(40, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     expected = attention_ref(q, k, v, block_diag_mask(lengths, causal))
     methods = bench.make_methods(q, k, v, lengths, causal)
+    assert tuple(methods) == bench.METHODS  # what --methods accepts is what it can build
     for name in ("ours-sdpa", "dense-sdpa"):
         out = methods[name]()()
         out = out[0].transpose(0, 1) if out.ndim == 4 else out
@@ -106,6 +107,28 @@ def test_the_cuda_graph_rows_pad_with_a_segment_no_loss_sees():
         expected = model(**model_step.packed_inputs(model, samples, "upstream"), use_cache=False).loss
         loss = model(**padded, use_cache=False).loss
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_step_benchmark_builds_every_method_it_accepts():
+    """``--methods`` takes model_step.METHODS; each (but the upstream row, run by upstream_step.py) has its patch
+    and its batch, and the patched ones without compilation give ``ours``'s loss on the CPU."""
+    from qwenvl.fixtures import tiny_model
+    from qwenvl.verify.batches import SampleSpec, make_sample
+
+    model_step = _model_step()
+    model = tiny_model("qwen2_5_vl", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(model.config, SampleSpec(text=t, image=i), generator=gen) for t, i in [(20, (4, 4)), (30, None)]]
+    losses = {}
+    for method in model_step.METHODS:
+        if method == model_step.UPSTREAM:
+            continue
+        ctx, inputs = model_step.method_inputs(model, method, samples)  # a patch is applied here, undone on exit
+        with ctx:
+            if method in ("ours", "ours+fusedce", "ours-nohost"):
+                losses[method] = model(**inputs, use_cache=False).loss
+    torch.testing.assert_close(losses["ours+fusedce"], losses["ours"])
+    torch.testing.assert_close(losses["ours-nohost"], losses["ours"])
 
 
 def test_the_distributed_benchmark_runs_on_gloo_and_times_each_rank(tmp_path):
@@ -164,3 +187,106 @@ def test_the_flop_model_counts_every_parameter_once_where_a_token_meets_it(famil
     assert counts.training_flops(10, 8) == 6 * (counts.text + counts.lm_head) * 10 + 6 * counts.vision * 8
     assert counts.vision_token_cost(4) == pytest.approx(1 + 4 * counts.vision / (counts.text + counts.lm_head))
 
+
+
+# --- every benchmark and verify command written down (GPU scripts, noxfile, docs) parses -----------------------
+# A typo in a GPU script's arguments costs a device call; here it costs a CPU test. Each benchmark's
+# ``parse_args(argv)`` holds every check that needs no GPU.
+
+_SHELL_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")
+_COMMAND = re.compile(r"(?:^|[\s;(])(?:python3?\s+(benchmarks/\w+\.py)|qwenvl\s+(verify))(?=\s|$)(.*)")
+_PLACEHOLDERS = {"NAME": "qwen2_vl"}  # what the docs write for "a family's name"
+_STOP = {"|", "||", "&&", ";", ">", ">>", "2>&1", "2>", "&"}
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """A shell script's lines, or a Markdown file's code (fenced, indented 4 spaces after a blank line, or an
+    inline span: a span's ``[optional part]`` is taken as given), each with its first line's number; backslash
+    continuations joined."""
+    lines = list(enumerate(path.read_text().splitlines(), 1))
+    if path.suffix == ".md":
+        code, fenced, indented = [], False, False
+        for i, (n, line) in enumerate(lines):
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            indented = line.startswith("    ") and (indented or i == 0 or not lines[i - 1][1].strip())
+            if fenced or indented:
+                code.append((n, line))
+            else:
+                code += [(n, span.replace("[", "").replace("]", "")) for span in re.findall(r"`([^`]+)`", line)]
+        lines = code
+    joined, pending = [], None
+    for n, line in lines:
+        start, text = pending or (n, "")
+        if line.rstrip().endswith("\\"):
+            pending = (start, text + line.rstrip()[:-1] + " ")
+        else:
+            joined.append((start, text + line))
+            pending = None
+    return joined
+
+
+def _written_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, program, argv) for each ``python benchmarks/X.py ...`` and ``qwenvl verify ...`` written in
+    scripts/*.sh, README.md and docs/*.md, shell defaults (``${N:-d}``) expanded, ``$OUT`` read as ``out`` and a
+    placeholder as an example of its kind."""
+    import shlex
+
+    found = []
+    for path in [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for n, line in _code_lines(path):
+            if line.lstrip().startswith("#"):
+                continue
+            line = _SHELL_DEFAULT.sub(lambda m: m.group(2), line).replace("$OUT", "out")
+            line = re.sub(r"\b[A-Z]{3,}\b", lambda m: _PLACEHOLDERS.get(m.group(0), m.group(0)), line)
+            for match in _COMMAND.finditer(line):
+                words = []
+                for word in shlex.split(match.group(3), comments=True):
+                    if word in _STOP or word.startswith((">", "2>")):
+                        break
+                    words.append(word)
+                found.append((f"{path.relative_to(ROOT)}:{n}", match.group(1) or "qwenvl verify", words))
+    return found
+
+
+def _nox_step_commands() -> list[tuple[str, str, list[str]]]:
+    """The runs of ``nox -s bench-step``, from noxfile.py's STEP_SETS and STEP_METHODS (read, not imported: CI's
+    test environment has no nox)."""
+    import ast
+
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    values = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id in ("STEP_SETS", "STEP_METHODS")}
+    return [(f"noxfile.py bench-step {name}", "benchmarks/model_step.py",
+             [*args, "--mixes", "images-12x448", "mixed", "--methods", *values["STEP_METHODS"], "--out", "o.json"])
+            for name, args in values["STEP_SETS"].items()]
+
+
+_COMMANDS = _written_commands() + _nox_step_commands()
+
+
+def test_the_gpu_scripts_and_docs_hold_commands_to_check():
+    """The extraction finds what it is meant to: each GPU script's benchmark runs, and verify's."""
+    programs = {(where.split(":")[0].split(" ")[0], program) for where, program, _ in _COMMANDS}
+    for expected in [("scripts/gpu_first.sh", "benchmarks/model_step.py"), ("scripts/gpu_first.sh", "benchmarks/attention_bench.py"),
+                     ("scripts/gpu_first.sh", "qwenvl verify"), ("scripts/gpu_fla.sh", "benchmarks/fla_shapes.py"),
+                     ("scripts/gpu_fla.sh", "qwenvl verify"), ("docs/benchmarks.md", "benchmarks/model_step.py"),
+                     ("noxfile.py", "benchmarks/model_step.py")]:
+        assert expected in programs, (expected, sorted(programs))
+
+
+@pytest.mark.parametrize("where, program, argv", _COMMANDS, ids=[c[0] for c in _COMMANDS])
+def test_every_written_command_parses(where, program, argv, capsys):
+    """Parsed by the program's own parser and its device-free checks: an unknown method, model, mix or flag,
+    or a bad combination, fails here rather than on the GPU."""
+    try:
+        if program == "qwenvl verify":
+            from qwenvl.cli import _parser
+
+            args = _parser().parse_args(["verify", *argv])
+        else:
+            args = _benchmark(Path(program).stem).parse_args(argv)
+    except SystemExit as exit_:
+        pytest.fail(f"{where}: {program} {' '.join(argv)}\n  exit {exit_.code}: {capsys.readouterr().err.strip()}")
+    assert args is not None
