@@ -378,6 +378,41 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),),
         ("parity_tests/test_host_meta.py::test_precomputed_vision_inputs_are_the_towers_own",),
     ),
+    Mutation(
+        "compiled_regions_nested",
+        "a listed module holding listed ones (5.25's Omni encoders) compiled whole around its blocks' regions",
+        "qwenvl/patches/_compile.py",
+        (("        if id(module) in nests:\n            continue\n", ""),),
+        ("parity_tests/test_compile.py::test_no_region_holds_another",),
+    ),
+    Mutation(
+        "pinned_router_compiled",
+        "qwenvl verify --compile: the MoE routers, pinned to the oracle's choice, traced into the compiled layers",
+        "qwenvl/verify/routing.py",
+        (("        eager = _routers_eager(blocks)", "        eager = []"),),
+        ("parity_tests/test_compile.py::test_compiled_packed_equals_each_sample_alone",),
+    ),
+    Mutation(
+        "regions_share_transformers_code",
+        "compiled regions keep transformers' shared code object: a process's third patched family runs eagerly",
+        "qwenvl/patches/_compile.py",
+        ((
+            "        target = original if function is None else types.MethodType(_with_own_code(function), module)",
+            "        target = original",
+        ),),
+        ("parity_tests/test_compile.py::test_a_process_that_patches_again_keeps_compiling",),
+    ),
+    Mutation(
+        "compiled_case_runs_eager",
+        "a compiled verify case in a process that compiled other families runs eagerly (dynamo's recompile limit)",
+        "qwenvl/verify/parity.py",
+        ((
+            "    torch._dynamo.reset()\n    before = compile_stats()\n"
+            "    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):\n        yield\n",
+            "    before = compile_stats()\n    yield\n    return\n",
+        ),),
+        ("parity_tests/test_compile.py::test_compiled_packed_equals_each_sample_alone",),
+    ),
 )
 
 

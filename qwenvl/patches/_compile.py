@@ -6,8 +6,10 @@ one attention call, the same for every layer, so it compiles once and the many s
 
 The regions are the model's ``_no_split_modules`` classes (transformers lists exactly the decoder layer and the
 vision block there) and the rest of the vision tower's own modules around its blocks: the patch embedding, the
-merger and the deepstack mergers (the family's ``projectors`` and ``deepstack_mergers``). A layer holding a linear-attention mixer (Qwen3.5's Gated DeltaNet) is left eager: its
-per-sample path loops over the boundaries. Every region's ``forward`` becomes::
+merger and the deepstack mergers (the family's ``projectors`` and ``deepstack_mergers``). In a layer holding a
+linear-attention mixer (Qwen3.5's Gated DeltaNet) the mixer is left eager (its per-sample paths loop over the
+boundaries, fla's kernels are their own) and the layer's other children are the regions: its two norms and its
+MLP (or sparse-MoE block), three of every four layers' elementwise work. Every region's ``forward`` becomes::
 
     mark the packed token dimension of its tensor inputs dynamic  ->  torch.compile(original forward)
 
@@ -19,6 +21,8 @@ operator of ``qwenvl.attention._compiled`` (the dispatcher switches when ``torch
 from __future__ import annotations
 
 import functools
+import types
+import weakref
 
 import torch
 
@@ -28,12 +32,14 @@ __all__ = ["compile_regions", "compile_stats"]
 
 
 def compile_stats() -> dict[str, int]:
-    """``graphs``: graphs dynamo has compiled in this process so far; ``recompiles``: recompilations."""
+    """Counts for this process so far: ``graphs`` dynamo compiled; ``recompiles``; ``not_compiled``, frames dynamo
+    set out to compile and then ran eagerly (its recompile limit hit, say: it logs one warning and goes on)."""
     from torch._dynamo.utils import counters
 
     return dict(
         graphs=int(counters["stats"]["unique_graphs"]),
         recompiles=int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        not_compiled=int(counters["frames"]["total"] - counters["frames"]["ok"]),
     )
 
 
@@ -58,16 +64,28 @@ def _regions(model, linear_class: str | None, spec=None) -> list[torch.nn.Module
         names |= set(getattr(base(), "_no_split_modules", None) or [])
     if not names:
         raise ValueError(f"{type(model).__name__} lists no _no_split_modules: no regions to compile")
+    listed = [m for m in model.modules() if type(m).__name__ in names]
+    ids = {id(m) for m in listed}
+    # Innermost only: a listed module holding listed ones (5.25's Qwen3-Omni thinker lists its whole vision and
+    # audio encoders beside their blocks and layers) is not a region; compiled whole, it would trace into its
+    # blocks' regions (nested compilation fails) and through its data-dependent preamble.
+    nests = {id(m) for m in listed if any(id(inner) in ids for inner in m.modules() if inner is not m)}
     regions = []
-    for module in model.modules():
-        if type(module).__name__ not in names:
+    for module in listed:
+        if id(module) in nests:
             continue
-        if linear_class is not None and any(type(m).__name__ == linear_class for m in module.modules()):
+        if linear_class is not None and _holds(module, linear_class):
+            # the mixer stays eager; the layer's other parts (its norms and MLP or experts) are regions
+            regions.extend(child for child in module.children() if not _holds(child, linear_class))
             continue
         regions.append(module)
     inside = {id(m) for region in regions for m in region.modules()}
     regions.extend(m for m in _tower_regions(model, spec) if id(m) not in inside)
     return regions
+
+
+def _holds(module: torch.nn.Module, class_name: str) -> bool:
+    return any(type(m).__name__ == class_name for m in module.modules())
 
 
 def _mark_token_dims(tokens: int, values) -> None:
@@ -83,6 +101,30 @@ def _mark_token_dims(tokens: int, values) -> None:
             for dim, size in enumerate(value.shape):
                 if size == tokens:
                     torch._dynamo.maybe_mark_dynamic(value, dim)
+
+
+_OWN_CODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a region class's forward -> its copy
+
+
+def _with_own_code(function):
+    """``function`` with a code object of its own, the same copy every time. Dynamo keeps its graphs, and counts
+    compilations against ``recompile_limit`` (8), per code object, then runs that code eagerly for the rest of
+    the process, with one logged warning. transformers' decorated forwards share one code object
+    (``deprecate_kwarg``'s ``wrapped_func``) across every class of every family, so a process that patched a
+    third family (``qwenvl verify --compile``, a sweep, a notebook) ran its regions eagerly. With a copy per
+    region class, each class counts its own compilations; its instances, and later patches of it, share its
+    graphs."""
+    copy = _OWN_CODE.get(function)
+    if copy is not None:
+        return copy
+    copy = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__ = function.__qualname__
+    _OWN_CODE[function] = copy
+    return copy
 
 
 def _region_forward(compiled, original):
@@ -104,7 +146,9 @@ def compile_regions(model, recorder, *, linear_class: str | None = None, spec=No
     regions = _regions(model, linear_class, spec)
     for module in regions:
         original = module.forward
-        compiled = torch.compile(original, mode=mode(module) if callable(mode) else mode)
+        function = getattr(original, "__func__", None)
+        target = original if function is None else types.MethodType(_with_own_code(function), module)
+        compiled = torch.compile(target, mode=mode(module) if callable(mode) else mode)
         if "forward" in module.__dict__:
             raise ValueError(f"{type(module).__name__} already has its own forward (compiled twice?)")
         module.forward = _region_forward(compiled, original)

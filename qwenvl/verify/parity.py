@@ -140,7 +140,7 @@ def run_case(
             # a limit of the release and device, not of the patch
             raise UpstreamLimit(f"the unpatched {family} fails under {autocast} autocast on {device}: {type(exc).__name__}: {exc}") from exc
     pt_flips = pin.flips
-    with pin.replay(model), half():
+    with pin.replay(model), half(), _really_compiled(compile):
         out = packed(model)
     flips = pin.flips
 
@@ -162,6 +162,27 @@ def run_case(
         routing_flips=flips,
         yardstick_routing_flips=pt_flips,
     )
+
+
+@contextlib.contextmanager
+def _really_compiled(compile: bool):
+    """A compiled case runs compiled, or fails. torch.compile falls back to eager, with one logged warning, once a
+    code object has been compiled ``recompile_limit`` times (8) in the process; transformers' decorated forwards
+    share one code object across families, so in one process (``qwenvl verify --compile``) the third family's
+    regions ran eagerly and were judged as compiled. Each compiled case starts from empty dynamo caches, as a
+    fresh process would, runs with hitting the limit an error, and must compile at least one graph."""
+    if not compile:
+        yield
+        return
+    from qwenvl.patches._compile import compile_stats
+
+    torch._dynamo.reset()
+    before = compile_stats()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    after = compile_stats()
+    if after["graphs"] == before["graphs"] or after["not_compiled"] != before["not_compiled"]:
+        raise RuntimeError(f"compile=True, but the packed run did not run compiled: {before} -> {after}")
 
 
 def _runs(base, batches, seed: int, convention: str, device, options: PatchOptions):

@@ -128,6 +128,7 @@ class RoutingPin:
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(enter(i)))
             handles.append(block.register_forward_hook(leave))
+        eager = _routers_eager(blocks)
         torch.topk = topk
         try:
             yield
@@ -135,3 +136,21 @@ class RoutingPin:
             torch.topk = real
             for handle in handles:
                 handle.remove()
+            for gate in eager:
+                del gate.forward
+
+
+def _routers_eager(blocks) -> list[torch.nn.Module]:
+    """Run each block's router outside torch.compile (``qwenvl verify --compile``): the replay's bookkeeping
+    (a cursor, the flip count) is host state that breaks the compiled graph inside the router, and transformers'
+    routers divide the top-k scores in place right after ``topk``. Broken there, that division is an in-place
+    change of the resumed graph's input, which the graph saved for its backward, and the backward fails
+    (torch 2.11-2.13). Run eagerly, the router's choice, division and cast stay out of the graph; the experts and
+    the rest of the layer stay compiled. Returns the routers changed (their instance ``forward`` to delete)."""
+    changed = []
+    for block in blocks:
+        gate = getattr(block, "gate", None)
+        if isinstance(gate, torch.nn.Module) and "forward" not in gate.__dict__:
+            gate.forward = torch.compiler.disable(gate.forward)
+            changed.append(gate)
+    return changed
