@@ -146,11 +146,14 @@ def _routers_eager(blocks) -> list[torch.nn.Module]:
     routers divide the top-k scores in place right after ``topk``. Broken there, that division is an in-place
     change of the resumed graph's input, which the graph saved for its backward, and the backward fails
     (torch 2.11-2.13). Run eagerly, the router's choice, division and cast stay out of the graph; the experts and
-    the rest of the layer stay compiled. Returns the routers changed (their instance ``forward`` to delete)."""
+    the rest of the layer stay compiled. Where the gate is a bare ``nn.Linear`` (transformers 4.57's Qwen3-Omni
+    thinker routes in the block's own forward), the whole block runs eagerly. Returns the modules changed (their
+    instance ``forward`` to delete)."""
     changed = []
     for block in blocks:
         gate = getattr(block, "gate", None)
-        if isinstance(gate, torch.nn.Module) and "forward" not in gate.__dict__:
-            gate.forward = torch.compiler.disable(gate.forward)
-            changed.append(gate)
+        router = block if type(gate) is torch.nn.Linear else gate
+        if isinstance(router, torch.nn.Module) and "forward" not in router.__dict__:
+            router.forward = torch.compiler.disable(router.forward)
+            changed.append(router)
     return changed

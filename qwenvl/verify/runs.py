@@ -146,11 +146,14 @@ class Comparison:
         return max(ratios)
 
 
-def judge_runs(tol: Tolerance, out: tuple, ref: tuple, pt: tuple) -> Comparison:
+def judge_runs(tol: Tolerance, out: tuple, ref: tuple, pt: tuple | list[tuple]) -> Comparison:
     """The rule on the logits and every gradient of ``out`` against the oracle ``ref`` and the yardstick ``pt``
-    (each ``(logits, gradients)``), k from ``tol``; with ``tol.model_atol`` every absolute error must also stay
-    under it. A shape that differs, or a gradient one side lacks, fails (named in ``why``)."""
-    (logits, grads), (ref_logits, ref_grads), (pt_logits, pt_grads) = out, ref, pt
+    (each ``(logits, gradients)``; ``pt`` may be a list of yardstick runs, the largest error counting), k from
+    ``tol``; with ``tol.model_atol`` every absolute error must also stay under it. A shape that differs, or a
+    gradient one side lacks, fails (named in ``why``)."""
+    (logits, grads), (ref_logits, ref_grads) = out, ref
+    runs = pt if isinstance(pt, list) else [pt]
+    pt_logits = [run[0] for run in runs]
     if logits.shape != ref_logits.shape:
         return Comparison(float("inf"), 0.0, float("inf"), 0.0, "", False, f"logits shape {tuple(logits.shape)} != {tuple(ref_logits.shape)}")
     verdict = judge(logits, ref_logits, pt_logits, k=tol.k_out)
@@ -164,7 +167,7 @@ def judge_runs(tol: Tolerance, out: tuple, ref: tuple, pt: tuple) -> Comparison:
         if grads[name].shape != ref_grad.shape:
             passed, why = False, why or f"{name}: shape {tuple(grads[name].shape)} != {tuple(ref_grad.shape)}"
             continue
-        g = judge(grads[name], ref_grad, pt_grads[name], k=tol.k_grad)
+        g = judge(grads[name], ref_grad, [run[1][name] for run in runs], k=tol.k_grad)
         if not g.passed:
             passed, why = False, why or f"gradient of {name}"
         if not worst or g.err - g.bound > grad_err - grad_bound:
