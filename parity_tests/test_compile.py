@@ -45,9 +45,9 @@ def test_compiled_packed_equals_each_sample_alone(family, device):
     before = compile_stats()
     result = run_case(family, backend=backend, device=device, dtype=dtype, specs=specs, compile=True)
     assert result.passed, result
-    after = compile_stats()
-    assert after["graphs"] > before["graphs"], "the compiled case compiled nothing: it ran eagerly"
-    assert after["not_compiled"] == before["not_compiled"], "some regions of the compiled case ran eagerly"
+    # run_case itself fails a packed run that left a frame eager (test_a_compiled_case_that_ran_eagerly_fails); its
+    # compiled yardstick, the unpatched model, may leave some (transformers' own data-dependent code) and counts here
+    assert compile_stats()["graphs"] > before["graphs"], "the compiled case compiled nothing: it ran eagerly"
 
 
 def test_the_fused_loss_of_a_compiled_case_is_judged_against_the_compiled_way_too():
