@@ -257,7 +257,7 @@ def _graphs_patch(model):
     tower = {id(m) for m in spec.vision_tower_in(model).modules()}
     recorder = PatchRecorder()
     with qwenvl.patch(model):
-        compile_regions(model, recorder, linear_class=spec.linear_attention, spec=spec,
+        compile_regions(model, recorder, spec=spec,
                         mode=lambda region: None if id(region) in tower else "reduce-overhead")
         try:
             yield

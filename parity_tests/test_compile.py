@@ -180,7 +180,7 @@ def test_no_region_holds_another(family):
     from qwenvl.patches._compile import _regions
 
     spec = FAMILIES[family]
-    regions = _regions(tiny_model(family), spec.linear_attention, spec)
+    regions = _regions(tiny_model(family), spec)
     ids = {id(r) for r in regions}
     holding = [type(r).__name__ for r in regions if any(id(m) in ids for m in r.modules() if m is not r)]
     assert regions and not holding, holding

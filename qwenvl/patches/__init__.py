@@ -276,7 +276,7 @@ def _per_model(model, recorder: PatchRecorder, options: PatchOptions) -> None:
     if options.compile:
         from qwenvl.patches._compile import compile_regions
 
-        count = compile_regions(model, recorder, linear_class=spec.linear_attention, spec=spec)
+        count = compile_regions(model, recorder, spec=spec)
         logger.info("qwenvl: compiled %d regions of %s", count, type(model).__name__)
 
 

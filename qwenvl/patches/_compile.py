@@ -57,13 +57,14 @@ def _tower_regions(model, spec) -> list[torch.nn.Module]:
     return regions
 
 
-def _regions(model, linear_class: str | None, spec=None) -> list[torch.nn.Module]:
+def _regions(model, spec=None) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     base = getattr(model, "get_base_model", None)
     if base is not None:
         names |= set(getattr(base(), "_no_split_modules", None) or [])
     if not names:
         raise ValueError(f"{type(model).__name__} lists no _no_split_modules: no regions to compile")
+    linear_class = spec.linear_attention if spec is not None else None
     listed = [m for m in model.modules() if type(m).__name__ in names]
     ids = {id(m) for m in listed}
     # Innermost only: a listed module holding listed ones (5.25's Qwen3-Omni thinker lists its whole vision and
@@ -138,12 +139,13 @@ def _region_forward(compiled, original):
     return forward
 
 
-def compile_regions(model, recorder, *, linear_class: str | None = None, spec=None, mode=None) -> int:
+def compile_regions(model, recorder, *, spec=None, mode=None) -> int:
     """Compile each region of ``model`` in place (recorded in ``recorder`` for undo); returns how many. ``spec``: the
-    model's ``FamilySpec``, whose vision tower's patch embedding and mergers are regions too. ``mode``: torch.compile's
+    model's ``FamilySpec``, whose vision tower's patch embedding and mergers are regions too and whose
+    ``linear_attention`` mixers stay eager. ``mode``: torch.compile's
     for every region, or a function of the region (``benchmarks/model_step.py``'s CUDA-graph rows give the text
     layers ``"reduce-overhead"``)."""
-    regions = _regions(model, linear_class, spec)
+    regions = _regions(model, spec)
     for module in regions:
         original = module.forward
         function = getattr(original, "__func__", None)

@@ -184,7 +184,7 @@ def _compiled_unpatched(model, family: str):
 
     spec = get_family(family)
     recorder = PatchRecorder()
-    compile_regions(model, recorder, linear_class=spec.linear_attention, spec=spec)
+    compile_regions(model, recorder, spec=spec)
     try:
         yield
     finally:
@@ -194,10 +194,10 @@ def _compiled_unpatched(model, family: str):
 @contextlib.contextmanager
 def _really_compiled(compile: bool):
     """A compiled case runs compiled, or fails. torch.compile falls back to eager, with one logged warning, once a
-    code object has been compiled ``recompile_limit`` times (8) in the process; transformers' decorated forwards
-    share one code object across families, so in one process (``qwenvl verify --compile``) the third family's
-    regions ran eagerly and were judged as compiled. Each compiled case starts from empty dynamo caches, as a
-    fresh process would, runs with hitting the limit an error, and must compile at least one graph."""
+    code object has been compiled ``recompile_limit`` times (8) in the process: before each region class had its
+    own code (``qwenvl.patches._compile._with_own_code``) the third family of ``qwenvl verify --compile`` ran
+    eagerly and was judged as compiled. Each compiled case starts from empty dynamo caches, as a fresh process
+    would, runs with hitting the limit an error, and must compile at least one graph and leave no frame eager."""
     if not compile:
         yield
         return

@@ -136,8 +136,8 @@ class RoutingPin:
             torch.topk = real
             for handle in handles:
                 handle.remove()
-            for gate in eager:
-                del gate.forward
+            for router in eager:
+                del router.forward
 
 
 def _routers_eager(blocks) -> list[torch.nn.Module]:
@@ -145,7 +145,7 @@ def _routers_eager(blocks) -> list[torch.nn.Module]:
     (a cursor, the flip count) is host state that breaks the compiled graph inside the router, and transformers'
     routers divide the top-k scores in place right after ``topk``. Broken there, that division is an in-place
     change of the resumed graph's input, which the graph saved for its backward, and the backward fails
-    (torch 2.11-2.13). Run eagerly, the router's choice, division and cast stay out of the graph; the experts and
+    (seen with torch 2.13 on the CPU). Run eagerly, the router's choice, division and cast stay out of the graph; the experts and
     the rest of the layer stay compiled. Where the gate is a bare ``nn.Linear`` (transformers 4.57's Qwen3-Omni
     thinker routes in the block's own forward), the whole block runs eagerly. Returns the modules changed (their
     instance ``forward`` to delete)."""
